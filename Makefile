@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv from requirements.lock (all versions pinned) when it is missing or stale.
+# INSTALLER=uv (default, fast) or INSTALLER=pip.
+PYTHON ?= python3
+VENV := .venv
+INSTALLER ?= uv
+UV_VERSION := 0.13.8
+# Local wheel directories configured for pip (e.g. a CPU torch wheel); uv does not read pip's config.
+FIND_LINKS := $(strip $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_FLAGS := --compile-bytecode $(foreach d,$(FIND_LINKS),--find-links $(d))
+CPU8 := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lock clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock setup.py
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+ifeq ($(INSTALLER),uv)
+	$(VENV)/bin/python -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/python -m uv pip install --python $(VENV)/bin/python $(UV_FLAGS) -r requirements.lock
+	$(VENV)/bin/python -m uv pip install --python $(VENV)/bin/python $(UV_FLAGS) --no-deps -e .
+else
+	$(VENV)/bin/python -m pip install -r requirements.lock
+	$(VENV)/bin/python -m pip install --no-deps -e .
+endif
+	touch $@
+
+demo: venv
+	$(CPU8) $(VENV)/bin/ualm demo --run-dir runs/demo
+
+test: venv
+	$(CPU8) $(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+
+# Re-resolve the pins from requirements.in (needs the package index).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -r requirements.in
+	.lock-venv/bin/python -m pip freeze --exclude-editable > requirements.lock
+	rm -rf .lock-venv
+
+clean-venv:
+	rm -rf $(VENV)

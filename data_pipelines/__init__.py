@@ -1,0 +1,1 @@
+"""Turning raw audio and text into UALM training examples."""

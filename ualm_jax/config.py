@@ -1,0 +1,334 @@
+"""One config system: typed dataclasses, loaded from YAML, overridden by dotted `key=value`.
+
+Sections with a `preset` key (only `model` today) start from the named preset and apply the
+user's keys on top. Unknown keys fail with the list of valid ones; invalid values fail with the
+dotted name of the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or inconsistent; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Whisper-style encoder (AF-Whisper: Whisper-large-v3 + avg-pool 2 -> 25 frames/s)."""
+
+    enabled: bool = True
+    n_mels: int = 128
+    d_model: int = 1280
+    n_layers: int = 32
+    n_heads: int = 20
+    d_ff: int = 5120
+    max_mel_frames: int = 3000  # one 30 s window at a 10 ms hop
+    pool: int = 2  # average pooling after the encoder (AF-Whisper); 1 disables it
+    layer_norm_eps: float = 1e-5
+    frozen: bool = True  # frozen in every UALM stage: no gradient flows into it
+
+    @property
+    def frames_per_window(self) -> int:
+        return self.max_mel_frames // 2 // self.pool
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen2.5 backbone plus UALM's multi-stream input/output and audio adapter."""
+
+    preset: str = "tiny"
+    # Backbone (Qwen2.5 names in comments: hidden_size, num_hidden_layers, ...).
+    text_vocab_size: int = 151936
+    d_model: int = 1536
+    n_layers: int = 28
+    n_heads: int = 12
+    n_kv_heads: int = 2
+    head_dim: int = 128
+    d_ff: int = 8960
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    qkv_bias: bool = True
+    tie_embeddings: bool = False  # UALM unties the head; True gives a plain tied Qwen2 model
+    # Joint vocabulary: [specials | text shifted | K codebooks of C+1 ids].
+    num_special: int = 256
+    num_codebooks: int = 8
+    codebook_size: int = 1024
+    vocab_pad_multiple: int = 128  # joint vocab rounded up so it shards evenly
+    # Audio input.
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    adapter: str = "linear"  # UALM: one linear layer; "mlp": Audio Flamingo 3's 2-layer GELU MLP
+    # Numerics and memory.
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # master weights
+    scan_layers: bool = True
+    remat: str = "full"  # none | full | dots | dots_no_batch | qkv_proj
+    attention: str = "auto"  # auto | xla | cudnn
+    # Loss.
+    loss_objective: str = "reference"  # reference | modality | consistent (see model/loss.py)
+    loss_chunk_size: int = 1024  # sequence chunk for the head + CE; 0 = whole sequence
+
+    def validate(self, prefix: str = "model") -> None:
+        p = prefix
+        for name in ("text_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                     "head_dim", "d_ff", "num_codebooks", "codebook_size", "vocab_pad_multiple"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{p}.{name}={getattr(self, name)} must be positive")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"{p}.n_heads={self.n_heads} must be a multiple of {p}.n_kv_heads={self.n_kv_heads}")
+        if self.num_special < 9:
+            raise ConfigError(f"{p}.num_special={self.num_special} must be >= 9 (UALM's specials)")
+        _choice(f"{p}.adapter", self.adapter, ("linear", "mlp"))
+        _choice(f"{p}.dtype", self.dtype, ("bfloat16", "float32", "float16"))
+        _choice(f"{p}.param_dtype", self.param_dtype, ("bfloat16", "float32"))
+        _choice(f"{p}.remat", self.remat, ("none", "full", "dots", "dots_no_batch", "qkv_proj"))
+        _choice(f"{p}.attention", self.attention, ("auto", "xla", "cudnn"))
+        _choice(f"{p}.loss_objective", self.loss_objective, ("reference", "modality", "consistent"))
+        if self.loss_chunk_size < 0:
+            raise ConfigError(f"{p}.loss_chunk_size={self.loss_chunk_size} must be >= 0")
+        enc = self.audio_encoder
+        if enc.enabled:
+            if enc.d_model % enc.n_heads:
+                raise ConfigError(f"{p}.audio_encoder.d_model={enc.d_model} must be divisible by "
+                                  f"{p}.audio_encoder.n_heads={enc.n_heads}")
+            if enc.max_mel_frames % (2 * enc.pool):
+                raise ConfigError(f"{p}.audio_encoder.max_mel_frames={enc.max_mel_frames} must be "
+                                  f"divisible by 2*pool={2 * enc.pool}")
+
+
+@dataclass
+class AxisSizes:
+    """Sizes of the three mesh axes; at most one (over ICI and DCN together) may be -1."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+def _default_rules() -> dict[str, Any]:
+    # Logical axis -> mesh axes (MaxText style). FSDP vs TP vs DP is a change of mesh sizes only:
+    # an axis of size 1 shards nothing.
+    return {
+        "batch": ["data", "fsdp"],
+        "length": None,
+        "embed": "fsdp",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "head_dim": None,
+        "mlp": "tensor",
+        "vocab": "tensor",
+        "stream": None,
+        "layers": None,
+        "enc_embed": "fsdp",
+        "enc_heads": "tensor",
+        "enc_mlp": "tensor",
+        "mels": None,
+        "conv_window": None,
+        # Activations.
+        "act_batch": ["data", "fsdp"],
+        "act_length": None,
+        "act_embed": None,
+        "act_heads": "tensor",
+        "act_kv_heads": "tensor",
+        "act_mlp": "tensor",
+        "act_vocab": "tensor",
+    }
+
+
+@dataclass
+class MeshConfig:
+    ici: AxisSizes = field(default_factory=lambda: AxisSizes(data=1, fsdp=-1, tensor=1))
+    dcn: AxisSizes = field(default_factory=AxisSizes)
+    rules: dict = field(default_factory=_default_rules)
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    end_learning_rate_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 2000
+    schedule: str = "cosine"  # cosine | constant
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+    def validate(self, prefix: str = "optim") -> None:
+        _choice(f"{prefix}.schedule", self.schedule, ("cosine", "constant"))
+        if self.learning_rate < 0:
+            raise ConfigError(f"{prefix}.learning_rate={self.learning_rate} must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.optim.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML -> raw dict -> dotted overrides -> presets -> dataclasses
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def _expand_presets(raw: dict) -> dict:
+    model = raw.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        from ualm_jax.model.presets import preset_dict  # local import: presets import this module
+
+        merged = preset_dict(model["preset"])
+        _deep_update(merged, model)
+        raw["model"] = merged
+    return raw
+
+
+def _deep_update(base: dict, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "rules":
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Builds dataclass `cls` from a plain dict, checking keys and types; errors name the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"unknown key(s) {', '.join(repr(u) for u in unknown)} in {where}; "
+                          f"valid keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, name: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, name)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping")
+        return dict(value)
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        return list(value)
+    return value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                cls=Config):
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, list(overrides or []))
+    raw = _expand_presets(raw)
+    cfg = from_dict(cls, raw)
+    return cfg.validate()
+
+
+def dump_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())
+
+
+def config_json(cfg) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)

@@ -1,0 +1,127 @@
+"""UALM's weighted multi-stream next-token loss, computed per stream/range and per sequence
+chunk so that [B, L, K, V_joint] logits never exist.
+
+Conventions
+- `loss_weights[b, t, k]` weighs predicting `tokens[b, t, k]` from position t-1 (the weight
+  belongs to the target token). Predictions never cross a segment boundary.
+- Stream k's logits: (h + e_k) @ head^T with e_0 = 0.
+- Objectives (`model.loss_objective`):
+  reference:  stream 0 over the full joint vocab; streams 1..K-1 over the whole audio range
+              (all K codebooks), as the authors' code trains.
+  modality:   as reference, but stream 0 at audio targets is restricted to the audio range.
+  consistent: stream k over codebook k's C+1 ids; stream 0 at audio targets over codebook 0,
+              i.e. exactly what delay-aware decoding allows.
+- Normalisation: sum of weighted CE over all streams / number of target positions whose
+  stream-0 weight is > 0 (one audio frame weighs as one text token with 1/K audio weights).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ualm_jax.model.vocab import JointVocab
+
+
+class LossSums(NamedTuple):
+    total: jax.Array  # sum of weighted CE, scalar
+    count: jax.Array  # normaliser: positions with stream-0 weight > 0
+    per_stream: jax.Array  # [K] weighted CE sums
+    per_stream_weight: jax.Array  # [K] weight sums
+
+
+def shift_targets(tokens, loss_weights, segment_ids):
+    """Targets at position t are tokens[t+1]; the weight is zero at the last position and where
+    t+1 starts a new segment."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    w = loss_weights[:, 1:] * same[..., None].astype(loss_weights.dtype)
+    w = jnp.concatenate([w, jnp.zeros_like(loss_weights[:, :1])], axis=1)
+    return targets, w.astype(jnp.float32)
+
+
+def _ce(logits, target_idx):
+    """logits [..., V] fp32, target_idx [...] -> lse - logit[target]."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, target_idx[..., None], axis=-1)[..., 0]
+    return lse - tgt
+
+
+def _chunk_sums(h, head, stream_emb, targets, weights, vocab: JointVocab, objective: str):
+    """Loss sums for one chunk. h [B,C,d]; targets/weights [B,C,K]."""
+    k_streams = targets.shape[-1]
+    hf = h
+    dt = h.dtype
+    head = head.astype(dt)
+    # Stream 0 over the full joint vocab; padded rows never win.
+    logits0 = jnp.einsum("bcd,vd->bcv", hf, head, preferred_element_type=jnp.float32)
+    valid = jnp.arange(head.shape[0]) < vocab.size
+    logits0 = jnp.where(valid, logits0, -jnp.inf)
+    t0 = targets[..., 0]
+    ce0 = _ce(logits0, t0)
+    ce_streams = [ce0]
+
+    if vocab.num_codebooks:
+        a0, a1 = vocab.audio_offset, vocab.size
+        audio_head = head[a0:a1]  # [K*(C+1), d]
+        is_audio0 = (t0 >= a0) & (t0 < a1)
+        if objective == "consistent":
+            cb = audio_head.reshape(vocab.num_codebooks, vocab.codebook_stride, -1)
+            hs = hf[:, :, None, :] + stream_emb[None, None, :k_streams].astype(dt)
+            logits_c = jnp.einsum("bckd,kvd->bckv", hs, cb, preferred_element_type=jnp.float32)
+            starts = jnp.asarray(vocab.codebook_pads()[:k_streams])
+            idx = jnp.clip(targets - starts, 0, vocab.codebook_stride - 1)
+            ce_c = _ce(logits_c, idx)  # [B,C,K]
+            ce_streams[0] = jnp.where(is_audio0, ce_c[..., 0], ce0)
+            ce_streams += [ce_c[..., k] for k in range(1, k_streams)]
+        else:
+            if objective == "modality":
+                la0 = jnp.einsum("bcd,vd->bcv", hf, audio_head, preferred_element_type=jnp.float32)
+                ce_a0 = _ce(la0, jnp.clip(t0 - a0, 0, vocab.audio_size - 1))
+                ce_streams[0] = jnp.where(is_audio0, ce_a0, ce0)
+            if k_streams > 1:
+                hs = hf[:, :, None, :] + stream_emb[None, None, 1:k_streams].astype(dt)
+                la = jnp.einsum("bckd,vd->bckv", hs, audio_head, preferred_element_type=jnp.float32)
+                ce_a = _ce(la, jnp.clip(targets[..., 1:] - a0, 0, vocab.audio_size - 1))
+                ce_streams += [ce_a[..., k] for k in range(k_streams - 1)]
+
+    ce = jnp.stack(ce_streams, axis=-1)  # [B,C,K]
+    # Weighted positions only; where() keeps unsupervised garbage (e.g. -inf) out of the sums.
+    wce = jnp.where(weights > 0, weights * ce, 0.0)
+    per_stream = wce.sum(axis=(0, 1))
+    return LossSums(per_stream.sum(), (weights[..., 0] > 0).sum().astype(jnp.float32),
+                    per_stream, weights.sum(axis=(0, 1)))
+
+
+def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "reference",
+              chunk_size: int = 0) -> LossSums:
+    """Sums over the batch; divide `total` by `count` (after summing over microbatches/hosts)."""
+    targets, weights = shift_targets(batch["tokens"], batch["loss_weights"], batch["segment_ids"])
+    b, l, _ = h.shape
+    if not chunk_size or chunk_size >= l or l % chunk_size:
+        return _chunk_sums(h, head, stream_emb, targets, weights, vocab, objective)
+
+    n = l // chunk_size
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(b, n, chunk_size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
+    def body(carry, xs):
+        hc, tc, wc = xs
+        s = _chunk_sums(hc, head, stream_emb, tc, wc, vocab, objective)
+        return jax.tree.map(jnp.add, carry, s), None
+
+    k = targets.shape[-1]
+    zero = LossSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                    jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.float32))
+    sums, _ = jax.lax.scan(body, zero, (split(h), split(targets), split(weights)))
+    return sums
+
+
+def stream_logits(h, head, stream_emb, vocab: JointVocab, stream: int):
+    """Full-vocab logits of one stream (decoding / tests); padded rows masked."""
+    x = h + stream_emb[stream].astype(h.dtype)
+    logits = jnp.einsum("...d,vd->...v", x, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.where(jnp.arange(head.shape[0]) < vocab.size, logits, -jnp.inf)

@@ -1,0 +1,88 @@
+"""The train step, top to bottom: forward -> weighted multi-stream loss -> grads (accumulated
+over microbatches) -> clip + AdamW -> skip the update if anything is non-finite."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ualm_jax.model.loss import LossSums, loss_sums
+from ualm_jax.model.ualm import UALM
+
+
+def make_loss_fn(model: UALM):
+    cfg = model.cfg
+    vocab = model.vocab
+
+    def loss_fn(params, batch):
+        h, head, emb = model.apply({"params": params}, batch, method=UALM.hidden_and_output)
+        sums = loss_sums(h, head, emb, batch, vocab, cfg.loss_objective, cfg.loss_chunk_size)
+        return sums.total, sums
+
+    return loss_fn
+
+
+def _split_microbatches(batch, n):
+    def split(x):
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def grads_and_sums(loss_fn, params, batch, microbatches: int = 1):
+    """Gradient of the summed loss and the loss sums; microbatches are scanned, so the result
+    equals one large batch (the normaliser is the global count, applied afterwards)."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if microbatches <= 1:
+        return grad_fn(params, batch)
+
+    def body(carry, mb):
+        g_acc, s_acc = carry
+        g, s = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+
+    mbs = _split_microbatches(batch, microbatches)
+    k = batch["tokens"].shape[-1]
+    zero_g = jax.tree.map(jnp.zeros_like, params)
+    zero_s = LossSums(jnp.zeros(()), jnp.zeros(()), jnp.zeros((k,)), jnp.zeros((k,)))
+    (g, s), _ = jax.lax.scan(body, (zero_g, zero_s), mbs)
+    return g, s
+
+
+def make_train_step(model: UALM, tx: optax.GradientTransformation, schedule=None,
+                    microbatches: int = 1):
+    loss_fn = make_loss_fn(model)
+
+    def train_step(state, batch):
+        params = state["params"]
+        grads, sums = grads_and_sums(loss_fn, params, batch, microbatches)
+        count = jnp.maximum(sums.count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss = sums.total / count
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient never reaches the weights: keep the old state.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "stream_loss": sums.per_stream / jnp.maximum(sums.per_stream_weight, 1e-9),
+            "target_tokens": sums.count,
+            "skipped": (~ok).astype(jnp.int32),
+        }
+        if schedule is not None:
+            metrics["lr"] = schedule(state["step"])
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(step_fn, state_shardings, batch_shardings):
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
