@@ -85,6 +85,8 @@ class ModelConfig:
         p = prefix
         for name in ("text_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim", "d_ff", "num_codebooks", "codebook_size", "vocab_pad_multiple"):
+            if name == "num_codebooks" and self.num_codebooks == 0:
+                continue  # text-only backbone
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{p}.{name}={getattr(self, name)} must be positive")
         if self.n_heads % self.n_kv_heads:
@@ -289,6 +291,11 @@ def _coerce(tp, value, name: str):
             raise ConfigError(f"{name}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}={value!r} must be a number")
         return float(value)

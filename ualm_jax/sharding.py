@@ -49,15 +49,20 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, ..
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     ici, dcn = resolve_axis_sizes(cfg, len(devices))
+    total = tuple(a * b for a, b in zip(ici, dcn))
     from jax.experimental import mesh_utils
 
     if math.prod(dcn) > 1:
-        dev = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+        if all(hasattr(d, "slice_index") for d in devices):
+            dev = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+        else:  # no slice topology (CPU, one GPU host): slices are consecutive device blocks
+            dev = np.asarray(devices).reshape(*dcn, *ici).transpose(0, 3, 1, 4, 2, 5)
+            dev = dev.reshape(total)
     else:
         try:
-            dev = mesh_utils.create_device_mesh(ici, devices=devices)
+            dev = mesh_utils.create_device_mesh(total, devices=devices)
         except (AssertionError, NotImplementedError, ValueError):
-            dev = np.asarray(devices).reshape(ici)
+            dev = np.asarray(devices).reshape(total)
     return Mesh(dev, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 

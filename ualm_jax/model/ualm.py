@@ -70,11 +70,14 @@ class UALM(nn.Module):
     def embed_tokens(self, tokens):
         """Sum of the K stream embeddings; id 0 (pad) contributes zero."""
         dt = dtype_of(self.cfg.dtype)
-        table = self.embed.astype(dt)
+        # Gather from a table whole along `embed` (FSDP all-gathers it, as for any weight):
+        # gathering from an embed-sharded table forces a full reshard in the backward pass.
+        table = constrain_act(self.embed.astype(dt), "vocab", None)
         x = None
         for k in range(tokens.shape[-1]):
             ids = tokens[..., k]
-            e = jnp.take(table, ids, axis=0) * (ids != 0)[..., None].astype(dt)
+            e = constrain_act(jnp.take(table, ids, axis=0), "act_batch", "act_length", "act_embed")
+            e = e * (ids != 0)[..., None].astype(dt)
             x = e if x is None else x + e
         return x
 

@@ -8,6 +8,7 @@ import optax
 
 from ualm_jax.model.loss import LossSums, loss_sums
 from ualm_jax.model.ualm import UALM
+from ualm_jax.sharding import activation_sharding
 
 
 def make_loss_fn(model: UALM):
@@ -83,6 +84,15 @@ def make_train_step(model: UALM, tx: optax.GradientTransformation, schedule=None
     return train_step
 
 
-def jit_train_step(step_fn, state_shardings, batch_shardings):
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+def with_mesh_context(fn, mesh, rules):
+    """Traces `fn` with activation sharding constraints for `mesh` active."""
+    def wrapped(*args):
+        with activation_sharding(mesh, rules):
+            return fn(*args)
+    return wrapped
+
+
+def jit_train_step(step_fn, state_shardings, batch_shardings, mesh, rules):
+    return jax.jit(with_mesh_context(step_fn, mesh, rules),
+                   in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))

@@ -1,0 +1,35 @@
+"""`ualm bench step` runs the real train step over 8 CPU devices and prints one JSON line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run([sys.executable, "-m", "ualm_jax.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_bench_step_prints_json():
+    r = _run("bench", "step", "--model", "tiny", "--batch", "8", "--seq", "64",
+             "--mesh", "data=2,fsdp=2,tensor=2", "--steps", "2", "--warmup", "1",
+             "--peak-tflops", "1.0", "--set", "model.loss_objective=consistent")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    for key in ("tokens_per_s", "mfu", "flops_per_token", "step_s", "mesh", "devices", "flop_formula"):
+        assert key in rec
+    assert rec["devices"] == 8 and rec["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert rec["objective"] == "consistent" and rec["tokens_per_s"] > 0 and rec["mfu"] > 0
+    assert rec["loss"] == pytest.approx(rec["loss"]) and rec["loss"] > 0
+
+
+def test_bench_bad_mesh_is_a_clear_error():
+    r = _run("bench", "step", "--model", "tiny", "--mesh", "data=3", "--steps", "1")
+    assert r.returncode == 2
+    assert "mesh sizes (mesh.ici.data=3) multiply to 3 but 8 devices are present" in r.stderr

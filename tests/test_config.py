@@ -1,0 +1,54 @@
+import pytest
+
+from ualm_jax.config import Config, ConfigError, load_config
+from ualm_jax.sharding import make_mesh, parse_mesh_arg
+
+
+def test_preset_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  preset: 1.5b\n  remat: dots\nseed: 3\n")
+    cfg = load_config(f, ["model.n_layers=4", "mesh.ici.fsdp=2", "optim.learning_rate=3e-4"])
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.remat) == (1536, 4, "dots")
+    assert cfg.model.audio_encoder.d_model == 1280
+    assert cfg.mesh.ici.fsdp == 2 and cfg.optim.learning_rate == 3e-4 and cfg.seed == 3
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.preset=13b"], r"model.preset='13b' is unknown; known presets: tiny, 0.5b, 1.5b, 7b"),
+    (["model.preset=tiny", "model.n_kv_heads=3"], r"model.n_heads=4 must be a multiple of model.n_kv_heads=3"),
+    (["model.preset=tiny", "model.bogus=1"], r"unknown key\(s\) 'bogus' in model; valid keys: .*d_model"),
+    (["trian.steps=1"], r"unknown key\(s\) 'trian' in config; valid keys: mesh, model, optim, seed"),
+    (["model.preset=tiny", "model.n_layers=two"], r"model.n_layers='two' must be an integer"),
+    (["model.preset=tiny", "model.remat=some"], r"model.remat='some' is not one of"),
+    (["model.preset=tiny", "model.audio_encoder.n_heads=3"], r"model.audio_encoder.d_model=32 must be divisible"),
+    (["nonsense"], r"must look like dotted.key=value"),
+])
+def test_bad_configs_name_the_value(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_mesh_must_match_devices():
+    cfg = load_config(None, ["mesh.ici.data=3", "mesh.ici.fsdp=1"])
+    with pytest.raises(ConfigError, match=r"mesh sizes \(mesh.ici.data=3\) multiply to 3 but 8 devices"):
+        make_mesh(cfg.mesh)
+    cfg = load_config(None, ["mesh.ici.data=3", "mesh.ici.fsdp=-1"])
+    with pytest.raises(ConfigError, match=r"mesh.ici.fsdp=-1 cannot be filled"):
+        make_mesh(cfg.mesh)
+    cfg = load_config(None, ["mesh.ici.data=2", "mesh.ici.tensor=-1", "mesh.ici.fsdp=-1"])
+    with pytest.raises(ConfigError, match="only one mesh size may be -1"):
+        make_mesh(cfg.mesh)
+    with pytest.raises(ConfigError, match="--mesh axis 'pipe' is unknown"):
+        parse_mesh_arg("pipe=2")
+
+
+def test_auto_axis_and_dcn():
+    cfg = load_config(None, ["mesh.ici.fsdp=-1", "mesh.ici.tensor=2", "mesh.dcn.data=2"])
+    mesh = make_mesh(cfg.mesh)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}

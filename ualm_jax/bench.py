@@ -1,0 +1,79 @@
+"""`ualm bench step`: the real train step on whatever devices exist; one JSON line per run."""
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+
+from ualm_jax.config import Config, ConfigError, from_dict, load_config
+from ualm_jax.model.flops import FORMULA, flops_per_token
+from ualm_jax.model.params import build_model
+from ualm_jax.sharding import make_mesh, parse_mesh_arg, shard_batch
+from ualm_jax.train.mfu import mfu, peak_flops_per_device
+from ualm_jax.train.optim import learning_rate_schedule, make_optimizer
+from ualm_jax.train.state import create_state, state_shardings
+from ualm_jax.train.step import jit_train_step, make_train_step
+from ualm_jax.train.synthetic import stream_for_model
+
+
+def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, warmup: int = 2,
+               text_only: bool = False, microbatches: int = 1, overrides=(),
+               peak_tflops: float | None = None) -> dict:
+    over = [f"model.preset={model}"] + list(overrides)
+    if text_only:
+        over += ["model.num_codebooks=0", "model.audio_encoder.enabled=false"]
+    cfg: Config = load_config(None, over)
+    if mesh:
+        cfg.mesh.ici = parse_mesh_arg(mesh)
+    if batch % microbatches:
+        raise ConfigError(f"--batch={batch} must be divisible by --microbatches={microbatches}")
+    dev_mesh = make_mesh(cfg.mesh)
+    m = build_model(cfg.model)
+    tx = make_optimizer(cfg.optim, total_steps=max(steps + warmup, 1))
+    shardings, _ = state_shardings(m, tx, dev_mesh, cfg.mesh.rules)
+    t0 = time.perf_counter()
+    state = create_state(m, tx, shardings, jax.random.key(cfg.seed))
+    stream = stream_for_model(cfg.model, batch, seq, seed=cfg.seed, text_only=text_only)
+    host_batch = next(stream)
+    host_batch.pop("task_ids")
+    if text_only or not cfg.model.audio_encoder.enabled:
+        host_batch.pop("audio_features", None)
+        host_batch.pop("audio_slots", None)
+    # Every position supervised: the bench measures the step, not the data.
+    host_batch["loss_weights"] = np.where(host_batch["tokens"] > 0, 1.0, 0.0).astype(np.float32)
+    dev_batch = shard_batch(host_batch, dev_mesh, cfg.mesh.rules)
+    b_shard = {k: v.sharding for k, v in dev_batch.items()}
+    step_fn = jit_train_step(
+        make_train_step(m, tx, learning_rate_schedule(cfg.optim, steps), microbatches),
+        shardings, b_shard, dev_mesh, cfg.mesh.rules)
+    compiled = step_fn.lower(state, dev_batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = compiled(state, dev_batch)
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, dev_batch)
+    jax.block_until_ready(state)
+    step_s = (time.perf_counter() - t1) / max(steps, 1)
+    tokens_per_s = batch * seq / step_s
+    fpt = flops_per_token(cfg.model, seq)
+    n_dev = dev_mesh.devices.size
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops_per_device()
+    return {
+        "bench": "step", "model": model, "text_only": text_only, "batch": batch, "seq": seq,
+        "microbatches": microbatches, "objective": cfg.model.loss_objective,
+        "remat": cfg.model.remat, "dtype": cfg.model.dtype,
+        "mesh": {k: int(v) for k, v in dev_mesh.shape.items()}, "devices": n_dev,
+        "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+        "steps": steps, "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "flops_per_token": fpt, "flop_formula": FORMULA,
+        "peak_flops_per_device": peak, "mfu": mfu(tokens_per_s, fpt, n_dev, peak),
+        "compile_s": compile_s, "loss": float(metrics["loss"]),
+    }
+
+
+def print_json(record: dict) -> None:
+    print(json.dumps(record), flush=True)

@@ -1,0 +1,153 @@
+"""A deterministic built-in stream of packed multi-task batches in the real batch format.
+
+Three tasks, each learnable (the answer is a fixed function of the prompt):
+  text:  <user><text> a b c <eos> <assistant><text> f(a) f(b) f(c) <eos>
+  caption: <user><text> prompt <eot> <user><audio> [encoder frames] <eos> <assistant><text> words <eos>
+  t2a:   <user><text> words <eos> <assistant><audio> delayed codes [T+K-1, K] <eos>
+Batch i depends only on (seed, i): the iterator state is one integer, so resume is exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ualm_jax.model import vocab as V
+from ualm_jax.model.delay import apply_delay
+from ualm_jax.model.vocab import JointVocab
+
+TASKS = ("text", "caption", "t2a")
+
+
+class SyntheticStream:
+    def __init__(self, vocab: JointVocab, batch: int, seq: int, seed: int = 0,
+                 n_mels: int = 0, mel_frames: int = 0, frames_per_clip: int = 0,
+                 tasks=TASKS, weights=None, text_only: bool = False):
+        self.vocab, self.batch, self.seq, self.seed = vocab, batch, seq, seed
+        self.k = max(vocab.num_codebooks, 1)
+        self.n_mels, self.mel_frames, self.frames_per_clip = n_mels, mel_frames, frames_per_clip
+        self.text_only = text_only or vocab.num_codebooks == 0
+        tasks = ("text",) if self.text_only else tuple(tasks)
+        if not frames_per_clip:
+            tasks = tuple(t for t in tasks if t != "caption")
+        self.tasks = tasks
+        w = np.ones(len(tasks)) if weights is None else np.asarray(weights, float)
+        self.weights = w / w.sum()
+        self.step = 0
+        self.words = min(64, vocab.text_vocab_size)
+
+    # Iterator protocol with checkpointable state ------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.batch_at(self.step)
+        self.step += 1
+        return b
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    # Examples --------------------------------------------------------------------------------------
+    def _text(self, ids):
+        return [int(i) + self.vocab.text_offset for i in ids]
+
+    def _example(self, rng, task):
+        """Returns (stream0 list, loss mask list, audio rows {pos: [K] ids}, audio slot count)."""
+        k, vb = self.k, self.vocab
+        toks: list[int] = [V.BOS]
+        w: list[float] = [0.0]
+        rows: dict[int, np.ndarray] = {}
+        slots: list[int] = []
+
+        def add(ids, weight):
+            toks.extend(ids)
+            w.extend([weight] * len(ids))
+
+        n = int(rng.integers(2, 6))
+        words = rng.integers(0, self.words, n)
+        if task == "text":
+            add([V.USER, V.TEXT] + self._text(words) + [V.EOS], 0.0)
+            add([V.ASSISTANT, V.TEXT], 0.0)
+            add(self._text((words * 7 + 3) % self.words) + [V.EOS], 1.0)
+        elif task == "caption":
+            add([V.USER, V.TEXT] + self._text([1, 2]) + [V.EOT, V.USER, V.AUDIO], 0.0)
+            start = len(toks)
+            add([V.PAD] * self.frames_per_clip + [V.EOS], 0.0)
+            slots = list(range(start, start + self.frames_per_clip))
+            add([V.ASSISTANT, V.TEXT], 0.0)
+            add(self._text(words) + [V.EOS], 1.0)
+        else:  # t2a
+            add([V.USER, V.TEXT] + self._text(words) + [V.EOS, V.ASSISTANT, V.AUDIO], 0.0)
+            t = 2 * n
+            codes = np.stack([(np.repeat(words, 2) * (j + 1) + j) % vb.codebook_size
+                              for j in range(vb.num_codebooks)], axis=1)
+            delayed = apply_delay(vb.codes_to_joint(codes), vb.codebook_pads())
+            for i, row in enumerate(delayed):
+                rows[len(toks)] = row
+                add([int(row[0])], 1.0 / k)
+            add([V.EOS], 1.0)
+        return toks, w, rows, slots, words
+
+    def batch_at(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        b, l, k = self.batch, self.seq, self.k
+        tokens = np.zeros((b, l, k), np.int32)
+        weights = np.zeros((b, l, k), np.float32)
+        seg = np.zeros((b, l), np.int32)
+        pos = np.zeros((b, l), np.int32)
+        task_ids = np.full((b, l), -1, np.int32)
+        has_audio = "caption" in self.tasks
+        if has_audio:
+            clips = max(1, l // 8)
+            feats = np.zeros((b, clips, self.mel_frames, self.n_mels), np.float32)
+            slots = np.full((b, l), -1, np.int32)
+        for r in range(b):
+            cur, s, clip = 0, 0, 0
+            while True:
+                task = self.tasks[int(rng.choice(len(self.tasks), p=self.weights))]
+                if task == "caption" and clip >= clips:
+                    task = "text"
+                toks, w, rows, ex_slots, words = self._example(rng, task)
+                if cur + len(toks) > l:
+                    break
+                s += 1
+                sl = slice(cur, cur + len(toks))
+                tokens[r, sl, 0] = toks
+                seg[r, sl] = s
+                pos[r, sl] = np.arange(len(toks))
+                task_ids[r, sl] = TASKS.index(task)
+                wa = np.asarray(w, np.float32)
+                for p, row in rows.items():
+                    tokens[r, cur + p] = row
+                    weights[r, cur + p] = wa[p]
+                text_pos = np.array([p for p in range(len(toks)) if p not in rows], int)
+                weights[r, cur + text_pos, 0] = wa[text_pos]
+                if ex_slots:
+                    fpc = self.frames_per_clip
+                    slots[r, cur + np.asarray(ex_slots)] = clip * fpc + np.arange(fpc)
+                    # The "audio": a mel pattern that encodes the words to caption.
+                    frames = np.zeros((self.mel_frames, self.n_mels), np.float32)
+                    for j, wd in enumerate(words):
+                        frames[:, (wd + j) % self.n_mels] += 1.0 + j
+                    feats[r, clip] = frames
+                    clip += 1
+                cur += len(toks)
+        out = {"tokens": tokens, "loss_weights": weights, "segment_ids": seg, "positions": pos,
+               "task_ids": task_ids}
+        if has_audio:
+            out["audio_features"] = feats
+            out["audio_slots"] = slots
+        return out
+
+
+def stream_for_model(cfg, batch: int, seq: int, seed: int = 0, text_only: bool = False,
+                     **kw) -> SyntheticStream:
+    vb = JointVocab.from_model_config(cfg)
+    enc = cfg.audio_encoder
+    if enc.enabled and not text_only:
+        mel = min(enc.max_mel_frames, 4 * enc.pool * 4)
+        return SyntheticStream(vb, batch, seq, seed, n_mels=enc.n_mels, mel_frames=mel,
+                               frames_per_clip=mel // 2 // enc.pool, text_only=text_only, **kw)
+    return SyntheticStream(vb, batch, seq, seed, text_only=text_only, **kw)
