@@ -9,7 +9,7 @@ setup(
     install_requires=[
         "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12", "grain>=0.2.18",
         "seqio>=0.0.20", "tensorflow-datasets>=4.9", "numpy>=2", "librosa>=0.11", "soundfile",
-        "pyyaml", "safetensors", "tensorboardx",
+        "pyyaml", "safetensors", "tensorboardx", "tokenizers", "soxr",
     ],
     extras_require={"torch": ["torch", "transformers"]},
     entry_points={"console_scripts": ["ualm=ualm_jax.cli:main"]},

@@ -18,9 +18,26 @@ def _bench(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from ualm_jax.config import load_config
+    from ualm_jax.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, args.run_dir)
+    if summary["preempted"]:
+        print(f"stopped at step {summary['step']} (checkpoint saved); rerun the same command to resume")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ualm", description="Train, evaluate and export UALM models.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a run from a config")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("--run-dir", required=True, help="where checkpoints, metrics and logs go")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    t.set_defaults(func=_train)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
     b.add_argument("what", choices=["step"], help="step: the real train step")

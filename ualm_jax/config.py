@@ -177,15 +177,86 @@ class OptimConfig:
 
 
 @dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, in packed sequences
+    seq_len: int = 256
+    microbatches: int = 1  # gradient accumulation: batch_size / microbatches per pass
+    stage: str = "full"  # full | align | custom  (what is trained, see train/freeze.py)
+    freeze: list = field(default_factory=list)  # extra globs of parameter names to freeze
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic eval (still one at the end if eval_batches > 0)
+    eval_batches: int = 2
+    checkpoint_every: int = 50
+    keep_last: int = 3  # newest checkpoints kept
+    keep_every: int = 0  # also keep every step divisible by this forever; 0: none
+    async_checkpoint: bool = True
+    nan_policy: str = "skip"  # skip: drop the update and count it | stop: raise naming the step
+    tensorboard: bool = True
+    min_free_disk_factor: float = 2.0  # refuse to start with less free disk than this x one checkpoint
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("steps", "batch_size", "seq_len", "microbatches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be positive")
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be >= 0")
+        if self.keep_last < 1:
+            raise ConfigError(f"{prefix}.keep_last={self.keep_last} must be >= 1")
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"{prefix}.batch_size={self.batch_size} must be divisible by "
+                              f"{prefix}.microbatches={self.microbatches}")
+        _choice(f"{prefix}.stage", self.stage, ("full", "align", "custom"))
+        _choice(f"{prefix}.nan_policy", self.nan_policy, ("skip", "stop"))
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic: built-in deterministic stream | mixture: built shards
+    # synthetic only: relative example weights per task.
+    task_weights: dict = field(default_factory=lambda: {"text": 1.0, "caption": 1.0, "t2a": 1.0})
+    # mixture only: one entry per task, e.g.
+    #   {name: t2a, path: data/audiocaps, share: 0.331, upsample: 2.0}
+    # `share` is a target share of TOKENS; `upsample` multiplies it (then shares are renormalised).
+    mixture: list = field(default_factory=list)
+    cfg_dropout: float = 0.05  # classifier-free guidance: drop all conditioning of t2a samples
+    max_clips_per_row: int = 4  # encoder-input clips (30 s windows) one packed row can hold
+    read_threads: int = 0  # Grain ReadOptions.num_threads (0 measured fastest on small hosts)
+    prefetch: int = 2  # batches prepared ahead of the step
+    eval_seed: int = 1234  # held-out batches come from a disjoint seed
+
+    def validate(self, prefix: str = "data") -> None:
+        _choice(f"{prefix}.source", self.source, ("synthetic", "mixture"))
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise ConfigError(f"{prefix}.cfg_dropout={self.cfg_dropout} must lie in [0, 1]")
+        if self.source == "mixture" and not self.mixture:
+            raise ConfigError(f"{prefix}.source=mixture needs {prefix}.mixture entries")
+        if self.source == "synthetic":
+            from ualm_jax.train.synthetic import TASKS
+
+            for name, w in self.task_weights.items():
+                if name not in TASKS:
+                    raise ConfigError(f"{prefix}.task_weights has unknown task {name!r}; "
+                                      f"tasks: {', '.join(TASKS)}")
+                if not isinstance(w, (int, float)) or w < 0:
+                    raise ConfigError(f"{prefix}.task_weights.{name}={w!r} must be a number >= 0")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
 
     def validate(self) -> "Config":
         self.model.validate()
         self.optim.validate()
+        self.train.validate()
+        self.data.validate()
         return self
 
     def to_dict(self) -> dict:

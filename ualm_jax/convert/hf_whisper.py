@@ -14,7 +14,7 @@ Per-layer tensors stack on a leading [n_layers] axis (our scanned `layers`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 

@@ -1,7 +1,8 @@
 """Whisper-style audio encoder (AF-Whisper: Whisper-large-v3 encoder + average pooling to 25 Hz).
 
 log-mel [N, T_mel, n_mels] -> conv(k3) GELU -> conv(k3, stride 2) GELU -> + positions ->
-pre-LN transformer blocks -> LayerNorm -> avg-pool -> [N, T_mel / 2 / pool, d_enc].
+pre-LN transformer blocks -> avg-pool -> LayerNorm -> [N, T_mel / 2 / pool, d_enc]
+(pool=1 is exactly Whisper's encoder; pool=2 is Audio Flamingo 3's AF-Whisper).
 Parameter names follow HF's WhisperEncoder so weight import is a rename.
 """
 from __future__ import annotations
@@ -82,7 +83,7 @@ class AudioEncoder(nn.Module):
                          in_axes=(nn.broadcast,), length=c.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(c, dt, pdt, name="layers")(x, attn_mask)
-        x = LayerNorm(c.layer_norm_eps, dt, pdt, name="layer_norm")(x)
+        # Audio Flamingo 3 (and Qwen2-Audio) pool first, then apply the final LayerNorm.
         if c.pool > 1:
             x = x[:, : tt // c.pool * c.pool].reshape(n, tt // c.pool, c.pool, -1).mean(axis=2)
-        return x
+        return LayerNorm(c.layer_norm_eps, dt, pdt, name="layer_norm")(x)

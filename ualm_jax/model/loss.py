@@ -29,6 +29,15 @@ class LossSums(NamedTuple):
     count: jax.Array  # normaliser: positions with stream-0 weight > 0
     per_stream: jax.Array  # [K] weighted CE sums
     per_stream_weight: jax.Array  # [K] weight sums
+    per_task: jax.Array  # [T] weighted CE sums by task id (T = num_tasks, may be 0)
+    per_task_count: jax.Array  # [T] normaliser by task
+    correct: jax.Array  # stream-0 targets predicted right by argmax, among the counted ones
+
+    @staticmethod
+    def zeros(k: int, num_tasks: int) -> "LossSums":
+        z = jnp.zeros((), jnp.float32)
+        return LossSums(z, z, jnp.zeros((k,)), jnp.zeros((k,)), jnp.zeros((num_tasks,)),
+                        jnp.zeros((num_tasks,)), z)
 
 
 def shift_targets(tokens, loss_weights, segment_ids):
@@ -48,8 +57,9 @@ def _ce(logits, target_idx):
     return lse - tgt
 
 
-def _chunk_sums(h, head, stream_emb, targets, weights, vocab: JointVocab, objective: str):
-    """Loss sums for one chunk. h [B,C,d]; targets/weights [B,C,K]."""
+def _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks: int, vocab: JointVocab,
+                objective: str):
+    """Loss sums for one chunk. h [B,C,d]; targets/weights [B,C,K]; tasks [B,C] (or None)."""
     k_streams = targets.shape[-1]
     hf = h
     dt = h.dtype
@@ -90,17 +100,30 @@ def _chunk_sums(h, head, stream_emb, targets, weights, vocab: JointVocab, object
     # Weighted positions only; where() keeps unsupervised garbage (e.g. -inf) out of the sums.
     wce = jnp.where(weights > 0, weights * ce, 0.0)
     per_stream = wce.sum(axis=(0, 1))
-    return LossSums(per_stream.sum(), (weights[..., 0] > 0).sum().astype(jnp.float32),
-                    per_stream, weights.sum(axis=(0, 1)))
+    counted = (weights[..., 0] > 0).astype(jnp.float32)
+    correct = (jnp.argmax(logits0, axis=-1) == t0).astype(jnp.float32) * counted
+    if num_tasks and tasks is not None:
+        onehot = jax.nn.one_hot(tasks, num_tasks, dtype=jnp.float32)  # id -1 -> all zeros
+        per_task = jnp.einsum("bc,bct->t", wce.sum(-1), onehot)
+        per_task_count = jnp.einsum("bc,bct->t", counted, onehot)
+    else:
+        per_task = per_task_count = jnp.zeros((num_tasks,), jnp.float32)
+    return LossSums(per_stream.sum(), counted.sum(), per_stream, weights.sum(axis=(0, 1)),
+                    per_task, per_task_count, correct.sum())
 
 
 def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "reference",
-              chunk_size: int = 0) -> LossSums:
-    """Sums over the batch; divide `total` by `count` (after summing over microbatches/hosts)."""
+              chunk_size: int = 0, num_tasks: int = 0) -> LossSums:
+    """Sums over the batch; divide `total` by `count` (after summing over microbatches/hosts).
+    With `num_tasks`, `batch["task_ids"]` [B,L] (-1 = none) splits the sums per task."""
     targets, weights = shift_targets(batch["tokens"], batch["loss_weights"], batch["segment_ids"])
+    tasks = batch.get("task_ids") if num_tasks else None
+    if tasks is not None:  # the task of a target token
+        tasks = jnp.concatenate([tasks[:, 1:], jnp.full_like(tasks[:, :1], -1)], axis=1)
     b, l, _ = h.shape
     if not chunk_size or chunk_size >= l or l % chunk_size:
-        return _chunk_sums(h, head, stream_emb, targets, weights, vocab, objective)
+        return _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks, vocab,
+                           objective)
 
     n = l // chunk_size
 
@@ -109,14 +132,13 @@ def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "r
 
     @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
     def body(carry, xs):
-        hc, tc, wc = xs
-        s = _chunk_sums(hc, head, stream_emb, tc, wc, vocab, objective)
+        hc, tc, wc, kc = xs
+        s = _chunk_sums(hc, head, stream_emb, tc, wc, kc, num_tasks, vocab, objective)
         return jax.tree.map(jnp.add, carry, s), None
 
-    k = targets.shape[-1]
-    zero = LossSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                    jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.float32))
-    sums, _ = jax.lax.scan(body, zero, (split(h), split(targets), split(weights)))
+    task_chunks = split(tasks) if tasks is not None else jnp.zeros((n, b, chunk_size), jnp.int32) - 1
+    zero = LossSums.zeros(targets.shape[-1], num_tasks)
+    sums, _ = jax.lax.scan(body, zero, (split(h), split(targets), split(weights), task_chunks))
     return sums
 
 

@@ -2,9 +2,6 @@
 that freeze parameters (the frozen ones get no update and no optimiser state)."""
 from __future__ import annotations
 
-import fnmatch
-from typing import Callable, Sequence
-
 import jax
 import optax
 
@@ -29,20 +26,14 @@ def param_names(params) -> dict:
         lambda path, _: "/".join(str(getattr(p, "key", p)) for p in path), params)
 
 
-def glob_mask(params, patterns: Sequence[str]):
-    """True where a parameter's name matches any glob pattern."""
-    return jax.tree.map(lambda n: any(fnmatch.fnmatchcase(n, p) for p in patterns),
-                        param_names(params))
-
-
 def decay_mask(params):
     """Weight decay on matrices only (not norms, biases, or stream embeddings)."""
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int,
-                   trainable: Callable | None = None) -> optax.GradientTransformation:
-    """`trainable`: a tree of bools (or a function of params giving one); False = frozen."""
+                   trainable=None) -> optax.GradientTransformation:
+    """`trainable`: a tree of bools like the params; False = frozen (no update, no state)."""
     schedule = learning_rate_schedule(cfg, total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
@@ -51,6 +42,5 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
     )
     if trainable is None:
         return tx
-    labels = (lambda p: jax.tree.map(lambda t: "train" if t else "freeze", trainable(p))) \
-        if callable(trainable) else jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

@@ -11,13 +11,14 @@ from ualm_jax.model.ualm import UALM
 from ualm_jax.sharding import activation_sharding
 
 
-def make_loss_fn(model: UALM):
+def make_loss_fn(model: UALM, num_tasks: int = 0):
     cfg = model.cfg
     vocab = model.vocab
 
     def loss_fn(params, batch):
         h, head, emb = model.apply({"params": params}, batch, method=UALM.hidden_and_output)
-        sums = loss_sums(h, head, emb, batch, vocab, cfg.loss_objective, cfg.loss_chunk_size)
+        sums = loss_sums(h, head, emb, batch, vocab, cfg.loss_objective, cfg.loss_chunk_size,
+                         num_tasks)
         return sums.total, sums
 
     return loss_fn
@@ -29,7 +30,7 @@ def _split_microbatches(batch, n):
     return jax.tree.map(split, batch)
 
 
-def grads_and_sums(loss_fn, params, batch, microbatches: int = 1):
+def grads_and_sums(loss_fn, params, batch, microbatches: int = 1, num_tasks: int = 0):
     """Gradient of the summed loss and the loss sums; microbatches are scanned, so the result
     equals one large batch (the normaliser is the global count, applied afterwards)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -42,26 +43,38 @@ def grads_and_sums(loss_fn, params, batch, microbatches: int = 1):
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
     mbs = _split_microbatches(batch, microbatches)
-    k = batch["tokens"].shape[-1]
     zero_g = jax.tree.map(jnp.zeros_like, params)
-    zero_s = LossSums(jnp.zeros(()), jnp.zeros(()), jnp.zeros((k,)), jnp.zeros((k,)))
+    zero_s = LossSums.zeros(batch["tokens"].shape[-1], num_tasks)
     (g, s), _ = jax.lax.scan(body, (zero_g, zero_s), mbs)
     return g, s
 
 
+def _apply_row_masks(tree, masks: dict | None):
+    """Multiplies the named leaves by their [rows,1] masks (partially frozen tables)."""
+    if not masks:
+        return tree
+
+    def one(path, x):
+        m = masks.get("/".join(str(getattr(p, "key", p)) for p in path))
+        return x if m is None else x * jnp.asarray(m, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def make_train_step(model: UALM, tx: optax.GradientTransformation, schedule=None,
-                    microbatches: int = 1):
-    loss_fn = make_loss_fn(model)
+                    microbatches: int = 1, num_tasks: int = 0, row_masks=None):
+    """`row_masks`: {parameter name: [rows,1] mask} for partially frozen tables."""
+    loss_fn = make_loss_fn(model, num_tasks)
 
     def train_step(state, batch):
         params = state["params"]
-        grads, sums = grads_and_sums(loss_fn, params, batch, microbatches)
+        grads, sums = grads_and_sums(loss_fn, params, batch, microbatches, num_tasks)
         count = jnp.maximum(sums.count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grads = _apply_row_masks(jax.tree.map(lambda g: g / count, grads), row_masks)
         loss = sums.total / count
         grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        new_params = optax.apply_updates(params, _apply_row_masks(updates, row_masks))
         # A non-finite loss or gradient never reaches the weights: keep the old state.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -70,18 +83,33 @@ def make_train_step(model: UALM, tx: optax.GradientTransformation, schedule=None
             "params": keep(new_params, params),
             "opt_state": keep(new_opt, state["opt_state"]),
         }
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "stream_loss": sums.per_stream / jnp.maximum(sums.per_stream_weight, 1e-9),
-            "target_tokens": sums.count,
-            "skipped": (~ok).astype(jnp.int32),
-        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.int32)}
+        metrics.update(sums_metrics(sums))
         if schedule is not None:
             metrics["lr"] = schedule(state["step"])
         return new_state, metrics
 
     return train_step
+
+
+def sums_metrics(sums: LossSums) -> dict:
+    return {
+        "stream_loss": sums.per_stream / jnp.maximum(sums.per_stream_weight, 1e-9),
+        "task_loss": sums.per_task / jnp.maximum(sums.per_task_count, 1.0),
+        "task_targets": sums.per_task_count,
+        "target_tokens": sums.count,
+        "accuracy": sums.correct / jnp.maximum(sums.count, 1.0),
+    }
+
+
+def make_eval_step(model: UALM, num_tasks: int = 0):
+    """Forward only: loss sums for held-out batches (summed over batches by the caller)."""
+    loss_fn = make_loss_fn(model, num_tasks)
+
+    def eval_step(params, batch):
+        return loss_fn(params, batch)[1]
+
+    return eval_step
 
 
 def with_mesh_context(fn, mesh, rules):

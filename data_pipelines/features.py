@@ -1,0 +1,138 @@
+"""Audio loading and Whisper-style features for the (AF-)Whisper encoder.
+
+Whisper's recipe (as transformers' WhisperFeatureExtractor): 16 kHz, periodic Hann n_fft 400, hop 160
+(10 ms frames), reflect-centred STFT, power spectrum, Slaney mel filters 0-8 kHz, last frame dropped,
+log10 clamped at 1e-10 and at (max - 8), then (x + 4) / 4. The encoder sees 30 s windows (3000 frames);
+longer audio is cut into non-overlapping windows, each encoded alone and the frames concatenated.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP = 160  # 10 ms
+WINDOW_SECONDS = 30.0
+
+
+# Loading --------------------------------------------------------------------------------------------
+def resample(wave: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
+    """Band-limited resampling (soxr HQ: what librosa.resample's default calls, without its import)."""
+    if orig_sr == sr:
+        return np.asarray(wave, np.float32)
+    import soxr
+
+    return soxr.resample(np.asarray(wave, np.float32), orig_sr, sr, quality="HQ").astype(np.float32)
+
+
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    """[N] or [N, channels] -> [N] by averaging channels."""
+    wave = np.asarray(wave, np.float32)
+    return wave.mean(axis=1) if wave.ndim == 2 else wave
+
+
+def load_audio(path: str, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Read any libsndfile format, downmix to mono, resample to `sr`; float32 [N].
+
+    Raises ValueError naming the file when it cannot be read, is empty, or holds NaN/inf samples.
+    """
+    import soundfile as sf
+
+    try:
+        wave, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile's errors vary by format: report them all the same way
+        raise ValueError(f"cannot read audio file {path}: {e}") from e
+    if wave.size == 0:
+        raise ValueError(f"audio file {path} holds no samples")
+    if not np.all(np.isfinite(wave)):
+        raise ValueError(f"audio file {path} holds NaN or infinite samples")
+    return resample(to_mono(wave), int(file_sr), sr)
+
+
+# Log-mel --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def mel_filters(n_mels: int = 128, sr: int = SAMPLE_RATE, n_fft: int = N_FFT) -> np.ndarray:
+    """[n_mels, n_fft//2+1] Slaney-scale, Slaney-normalised filters (Whisper's, via librosa)."""
+    import librosa
+
+    return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sr / 2,
+                               htk=False, norm="slaney").astype(np.float64)
+
+
+def _power_spectrogram(wave: np.ndarray) -> np.ndarray:
+    """[1 + N//HOP, N_FFT//2+1] power of a reflect-centred STFT with a periodic Hann window."""
+    x = np.pad(np.asarray(wave, np.float64), N_FFT // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
+    return np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2
+
+
+def log_mel(wave: np.ndarray, n_mels: int = 128) -> np.ndarray:
+    """16 kHz mono wave [N] -> Whisper log-mel [N // 160, n_mels] float32 (10 ms frames)."""
+    wave = np.asarray(wave, np.float32).reshape(-1)
+    n_frames = len(wave) // HOP
+    if n_frames == 0:
+        return np.zeros((0, n_mels), np.float32)
+    power = _power_spectrogram(wave)[:n_frames]  # Whisper drops the last (centred) frame
+    mel = power @ mel_filters(n_mels).T
+    logs = np.log10(np.maximum(mel, 1e-10))
+    logs = np.maximum(logs, logs.max() - 8.0)
+    return ((logs + 4.0) / 4.0).astype(np.float32)
+
+
+# 30 s windows ---------------------------------------------------------------------------------------
+def window_samples(sr: int = SAMPLE_RATE, window_s: float = WINDOW_SECONDS) -> int:
+    return int(round(sr * window_s))
+
+
+def split_windows(wave: np.ndarray, sr: int = SAMPLE_RATE,
+                  window_s: float = WINDOW_SECONDS) -> list:
+    """Non-overlapping windows of at most `window_s` seconds (the last one may be shorter)."""
+    wave = np.asarray(wave, np.float32).reshape(-1)
+    step = window_samples(sr, window_s)
+    return [wave[i:i + step] for i in range(0, len(wave), step)]
+
+
+def window_log_mels(wave: np.ndarray, n_mels: int = 128, window_s: float = WINDOW_SECONDS):
+    """16 kHz wave -> (mels [W, F, n_mels] float32, mask [W, F] bool), F = window frames (3000).
+
+    Each window is zero-padded to full length BEFORE the log-mel, exactly as WhisperFeatureExtractor
+    pads to 30 s; mask marks the frames centred on real audio (the encoder's padding mask).
+    """
+    full = window_samples(SAMPLE_RATE, window_s)
+    n_frames = full // HOP
+    windows = split_windows(wave, SAMPLE_RATE, window_s)
+    mels = np.zeros((len(windows), n_frames, n_mels), np.float32)
+    mask = np.zeros((len(windows), n_frames), bool)
+    for w, chunk in enumerate(windows):
+        mels[w] = log_mel(np.pad(chunk, (0, full - len(chunk))), n_mels)
+        mask[w, :valid_mel_frames(len(chunk))] = True
+    return mels, mask
+
+
+def valid_mel_frames(n_samples: int) -> int:
+    """Frames of a padded window that the encoder mask marks valid: those centred on real audio,
+    ceil(N / 160), as WhisperFeatureExtractor's attention mask (Audio Flamingo 3 counts these)."""
+    return -(-int(n_samples) // HOP)
+
+
+def encoder_frames(n_samples: int, pool: int = 2, sr: int = SAMPLE_RATE,
+                   window_s: float = WINDOW_SECONDS) -> int:
+    """Encoder output frames for `n_samples` of `sr` audio: per 30 s window, valid mel frames
+    through the stride-2 conv (ceil(F/2), as kernel 3 / padding 1 gives) then average pooling
+    (floor); summed over windows. 30 s -> 3000 -> 1500 -> 750 with pool 2 (25 frames/s).
+    Matches Audio Flamingo 3's audio-token count."""
+    n = int(round(n_samples * SAMPLE_RATE / sr)) if sr != SAMPLE_RATE else int(n_samples)
+    full = window_samples(SAMPLE_RATE, window_s)
+    total = 0
+    for start in range(0, n, full):
+        mel = valid_mel_frames(min(full, n - start))
+        total += ((mel + 1) // 2) // pool
+    return total
+
+
+def seconds_to_encoder_frames(seconds: float, pool: int = 2) -> int:
+    return encoder_frames(int(math.floor(seconds * SAMPLE_RATE)), pool)

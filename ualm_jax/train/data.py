@@ -1,0 +1,105 @@
+"""Host-side data feeding: the configured checkpointable iterator, this process's share of each
+global batch, and a background thread that keeps batches ready on the devices."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import jax
+import numpy as np
+
+from ualm_jax.sharding import batch_sharding
+from ualm_jax.train.synthetic import TASKS, stream_for_model
+
+
+def make_train_iterator(cfg):
+    """A checkpointable iterator of host-global numpy batches (`get_state`/`set_state`)."""
+    t = cfg.train
+    weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
+    return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.seed, tasks=TASKS,
+                            weights=weights)
+
+
+def make_eval_iterator(cfg):
+    t = cfg.train
+    weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
+    return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.data.eval_seed,
+                            tasks=TASKS, weights=weights)
+
+
+def task_names(cfg) -> tuple[str, ...]:
+    return TASKS
+
+
+def task_mix(batch: dict, names) -> dict:
+    ids = batch.get("task_ids")
+    if ids is None:
+        return {}
+    return {n: int((ids == i).sum()) for i, n in enumerate(names) if (ids == i).any()}
+
+
+def process_rows(batch: dict) -> dict:
+    """This process's contiguous share of the global batch rows."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    rows = next(iter(batch.values())).shape[0] // n
+    return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+
+def to_global_arrays(host_batch: dict, mesh, rules) -> dict:
+    out = {}
+    n = jax.process_count()
+    for k, v in host_batch.items():
+        global_shape = (v.shape[0] * n,) + v.shape[1:]
+        sharding = batch_sharding(mesh, rules, v.ndim, global_shape)
+        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+    return out
+
+
+class Prefetcher:
+    """Runs the iterator in a thread, `depth` batches ahead. Each item is
+    (device batch, data state after this batch, task mix) so a checkpoint at step n records
+    exactly the iterator position after batch n, whatever was prefetched beyond it."""
+
+    def __init__(self, iterator, mesh, rules, names, depth: int = 2):
+        self.iterator, self.mesh, self.rules, self.names = iterator, mesh, rules, names
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                batch = next(self.iterator)
+                state = self.iterator.get_state()
+                mix = task_mix(batch, self.names)
+                local = process_rows(batch)
+                item = (to_global_arrays(local, self.mesh, self.rules), state, mix)
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced in the training thread
+            self.error = e
+            self.queue.put(None)
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is None:
+            raise RuntimeError(f"data pipeline failed: {self.error!r}") from self.error
+        return item
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+
+def batch_shardings_for(cfg, mesh, example: dict) -> dict:
+    return {k: batch_sharding(mesh, cfg.mesh.rules, np.ndim(v),
+                              (np.shape(v)[0] * jax.process_count(),) + np.shape(v)[1:])
+            for k, v in example.items()}

@@ -1,0 +1,73 @@
+"""What each training stage trains.
+
+full:   everything but the audio encoder (frozen in every UALM stage unless
+        model.audio_encoder.frozen=false).
+align:  only the adapter, the stream embeddings and the audio rows of the input table and the
+        head; every other row and parameter stays bit-identical.
+custom: everything; combine with train.freeze globs.
+`train.freeze` globs (fnmatch on 'a/b/c' names, e.g. 'decoder/layers/*') freeze more in any stage.
+
+A spec leaf is True (train), False (frozen: no update, no optimiser state) or a [rows, 1] float
+mask (only rows with 1 are trained; used for the vocab tables in `align`).
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import jax
+import numpy as np
+
+from ualm_jax.model.vocab import JointVocab
+from ualm_jax.train.optim import param_names
+
+
+def trainable_spec(params, model_cfg, train_cfg):
+    vocab = JointVocab.from_model_config(model_cfg)
+    names = param_names(params)
+
+    def rows_mask(shape):
+        m = np.zeros((shape[0], 1), np.float32)
+        m[vocab.audio_offset:vocab.size] = 1.0
+        return m
+
+    def one(name, x):
+        top = name.split("/")[0]
+        if any(fnmatch.fnmatchcase(name, g) for g in train_cfg.freeze):
+            return False
+        if top == "audio_encoder" and model_cfg.audio_encoder.frozen:
+            return False
+        if train_cfg.stage == "align":
+            if top in ("adaptor", "stream_emb"):
+                return True
+            if top in ("embed", "head"):
+                return rows_mask(x.shape)
+            return False
+        return True
+
+    return jax.tree.map(one, names, params)
+
+
+def _is_spec(s) -> bool:
+    return isinstance(s, (bool, np.ndarray))
+
+
+def whole_tensor_trainable(spec):
+    """Bools for the optimiser: a row-masked table keeps optimiser state (True)."""
+    return jax.tree.map(lambda s: s is not False, spec, is_leaf=_is_spec)
+
+
+def row_masks(spec) -> dict:
+    """{parameter name: [rows,1] mask} for the partially trained tables."""
+    flat = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec)[0]
+    return {"/".join(str(getattr(p, "key", p)) for p in path): s
+            for path, s in flat if isinstance(s, np.ndarray)}
+
+
+def count_trainable(spec, params) -> int:
+    total = 0
+    for s, x in zip(jax.tree.leaves(spec, is_leaf=_is_spec), jax.tree.leaves(params)):
+        if isinstance(s, np.ndarray):
+            total += int(s.sum()) * int(np.prod(x.shape[1:]))
+        elif s:
+            total += int(np.prod(x.shape))
+    return total

@@ -1,0 +1,201 @@
+"""`ualm train`: a short loop. Set-up, then per step: batch -> jitted step -> log the previous
+step's metrics -> maybe eval -> maybe checkpoint. SIGTERM saves and exits cleanly."""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ualm_jax.checkpoint import Checkpointer, with_shardings
+from ualm_jax.config import Config
+from ualm_jax.model.flops import flops_per_token
+from ualm_jax.model.loss import LossSums
+from ualm_jax.model.params import abstract_params, build_model, param_table
+from ualm_jax.sharding import make_mesh
+from ualm_jax.train import data as data_lib
+from ualm_jax.train import freeze, rundir
+from ualm_jax.train.metrics import MetricsWriter
+from ualm_jax.train.mfu import mfu, peak_flops_per_device
+from ualm_jax.train.optim import learning_rate_schedule, make_optimizer
+from ualm_jax.train.state import abstract_state, create_state, state_shardings
+from ualm_jax.train.step import (jit_train_step, make_eval_step, make_train_step, sums_metrics,
+                                 with_mesh_context)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the current step and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: rely on Orbax's preemption check only
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _scalars(metrics: dict, names) -> dict:
+    """Device metrics -> flat JSON-able dict."""
+    m = jax.device_get(metrics)
+    out = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+           "accuracy": float(m["accuracy"]), "skipped": int(m["skipped"]),
+           "target_tokens": int(m["target_tokens"])}
+    if "lr" in m:
+        out["lr"] = float(m["lr"])
+    for k, v in enumerate(np.asarray(m["stream_loss"])):
+        out[f"loss/stream_{k}"] = float(v)
+    for name, v, n in zip(names, np.asarray(m["task_loss"]), np.asarray(m["task_targets"])):
+        if n > 0:
+            out[f"loss/{name}"] = float(v)
+    return out
+
+
+def build_components(cfg: Config):
+    """(model, optimiser, trainable spec, lr schedule) exactly as training builds them; restoring a
+    train-state checkpoint needs the same optimiser tree."""
+    model = build_model(cfg.model)
+    params_shapes, _ = abstract_params(model)
+    spec = freeze.trainable_spec(params_shapes, cfg.model, cfg.train)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, trainable=freeze.whole_tensor_trainable(spec))
+    return model, tx, spec, learning_rate_schedule(cfg.optim, cfg.train.steps)
+
+
+def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = None) -> dict:
+    """Trains to cfg.train.steps (resuming from the run dir's latest checkpoint). Returns a
+    summary. `max_steps_this_run` stops early as if preempted (used by tests)."""
+    t = cfg.train
+    path = rundir.prepare(run_dir)
+    rundir.check_same_model(path, cfg)
+    is_main = jax.process_index() == 0
+
+    # Model, optimiser, shardings.
+    mesh = make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    model, tx, spec, schedule = build_components(cfg)
+    names = data_lib.task_names(cfg)
+    shardings, info = state_shardings(model, tx, mesh, rules)
+    abstract = with_shardings(abstract_state(model, tx), shardings)
+    rundir.check_free_disk(path, rundir.state_bytes(abstract), t.min_free_disk_factor)
+    if is_main:
+        rows = param_table(info["params"], info["logical"], shardings["params"])
+        rundir.write_start_files(path, cfg, rows, freeze.count_trainable(spec, info["params"]))
+
+    # State: resume from the latest complete checkpoint, else initialise.
+    ckpt = Checkpointer(path / "checkpoints", t.keep_last, t.keep_every, t.async_checkpoint)
+    train_iter = data_lib.make_train_iterator(cfg)
+    if ckpt.latest_step() is not None:
+        state, data_state, start = ckpt.restore(abstract)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    else:
+        state, start = create_state(model, tx, shardings, jax.random.key(cfg.seed)), 0
+
+    # Compiled steps.
+    example = next(data_lib.make_eval_iterator(cfg))
+    b_shard = data_lib.batch_shardings_for(cfg, mesh, data_lib.process_rows(example))
+    step_fn = jit_train_step(
+        make_train_step(model, tx, schedule, t.microbatches, len(names), freeze.row_masks(spec)),
+        shardings, b_shard, mesh, rules)
+    eval_fn = jax.jit(with_mesh_context(make_eval_step(model, len(names)), mesh, rules),
+                      in_shardings=(shardings["params"], b_shard))
+
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    peak = peak_flops_per_device()
+    tokens_per_step = t.batch_size * t.seq_len
+    writer = MetricsWriter(path, t.tensorboard, is_main)
+    prefetch = data_lib.Prefetcher(train_iter, mesh, rules, names)
+    step, skipped, preempted = start, 0, False
+    pending = None  # (step, device metrics, task mix): logged one step later, never blocking
+    data_state = train_iter.get_state()
+    started = last_log_time = time.perf_counter()
+    last_log_step = start
+    stop_at = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
+
+    def flush(item):
+        nonlocal skipped, last_log_time, last_log_step
+        s, metrics, mix = item
+        rec = _scalars(metrics, names)
+        skipped += rec["skipped"]
+        if rec["skipped"] and t.nan_policy == "stop":
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {s} (loss={rec['loss']}, "
+                                f"grad_norm={rec['grad_norm']}); batch task mix (tokens): {mix}")
+        if s % t.log_every == 0 or s == stop_at:
+            now = time.perf_counter()
+            tps = tokens_per_step * (s - last_log_step) / max(now - last_log_time, 1e-9)
+            last_log_time, last_log_step = now, s
+            rec.update(step=s, tokens_per_s=tps, mfu=mfu(tps, fpt, jax.device_count(), peak),
+                       skipped_steps=skipped, task_mix=mix)
+            writer.write(rec)
+            writer.console(rec, t.steps, started, start)
+
+    try:
+        with _Preemption() as preemption:
+            while step < stop_at:
+                batch, data_state, mix = next(prefetch)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                if pending is not None:
+                    flush(pending)
+                pending = (step, metrics, mix)
+                if t.eval_every and step % t.eval_every == 0:
+                    flush(pending)
+                    pending = None
+                    writer.write(evaluate(eval_fn, state["params"], cfg, mesh, names, step))
+                if preemption.requested or ckpt.reached_preemption(step):
+                    preempted = True
+                    break
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    ckpt.save(step, state, data_state)
+            if pending is not None:
+                flush(pending)
+            if step == t.steps and t.eval_batches and not (t.eval_every and step % t.eval_every == 0):
+                writer.write(evaluate(eval_fn, state["params"], cfg, mesh, names, step))
+            stopped_early = step < t.steps
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, data_state, force=True)
+    finally:
+        prefetch.close()
+        ckpt.close()
+        writer.close()
+    if preempted:
+        print(f"preempted: saved step {step}, exiting cleanly", flush=True)
+    return {"step": step, "preempted": preempted or stopped_early, "skipped_steps": skipped,
+            "state": state, "run_dir": str(path)}
+
+
+def evaluate(eval_fn, params, cfg, mesh, names, step: int) -> dict:
+    """Per-task loss and stream-0 accuracy over cfg.train.eval_batches held-out batches."""
+    it = data_lib.make_eval_iterator(cfg)
+    total = None
+    for _ in range(cfg.train.eval_batches):
+        batch = data_lib.to_global_arrays(data_lib.process_rows(next(it)), mesh, cfg.mesh.rules)
+        sums = eval_fn(params, batch)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    total = jax.device_get(total)
+    m = sums_metrics(LossSums(*total))
+    rec = {"step": step, "eval/loss": float(total.total / max(total.count, 1.0)),
+           "eval/accuracy": float(m["accuracy"])}
+    for name, v, n in zip(names, m["task_loss"], m["task_targets"]):
+        if n > 0:
+            rec[f"eval/loss/{name}"] = float(v)
+    print("eval step {}: {}".format(step, " ".join(f"{k[5:]}={v:.4f}" for k, v in rec.items()
+                                                   if k != "step")), flush=True)
+    return rec
