@@ -29,6 +29,34 @@ def _train(args) -> int:
     return 0
 
 
+def _import_hf(args) -> int:
+    from ualm_jax.config import load_config
+    from ualm_jax.convert.hf_import import import_hf
+
+    cfg = load_config(args.config, args.overrides)
+    report = import_hf(args.hf_dir, args.out, cfg, whisper_dir=args.whisper)
+    print(f"imported {report['tensors']} tensors from {args.hf_dir} into {args.out} "
+          f"(tied source: {report['tied_source']}; unread: {len(report['unread_tensors'])})")
+    return 0
+
+
+def _export(args) -> int:
+    from ualm_jax.convert.export import export
+
+    out = export(args.checkpoint, args.out, args.format, dtype=args.dtype,
+                 torch_bin=args.torch_bin, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.format} to {out}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from ualm_jax.convert.inspect_tree import inspect, render, to_json
+
+    info = inspect(args.path)
+    print(to_json(info) if args.json else render(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ualm", description="Train, evaluate and export UALM models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -38,6 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True, help="where checkpoints, metrics and logs go")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     t.set_defaults(func=_train)
+
+    i = sub.add_parser("import-hf", help="a local HF Qwen2/Qwen2.5 checkpoint -> UALM params")
+    i.add_argument("hf_dir")
+    i.add_argument("--out", required=True, help="new directory (usable as train.init_from)")
+    i.add_argument("--config", default=None, help="UALM config for K, C, encoder, adapter, ...")
+    i.add_argument("--whisper", default=None,
+                   help="local Whisper / Audio Flamingo 3 checkpoint for the audio encoder")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    i.set_defaults(func=_import_hf)
+
+    e = sub.add_parser("export", help="a checkpoint -> PyTorch safetensors / HF text model")
+    e.add_argument("checkpoint", help="run directory (latest checkpoint) or one step directory")
+    e.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast tensors (default: as stored)")
+    e.add_argument("--torch-bin", action="store_true", help="also write torch.load-able pytorch_model.bin")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=_export)
+
+    n = sub.add_parser("inspect", help="tensor tree of a checkpoint / HF / exported directory")
+    n.add_argument("path")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=_inspect)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
     b.add_argument("what", choices=["step"], help="step: the real train step")
@@ -59,11 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may follow options (`import-hf DIR --out X model.k=v`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"ualm: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"ualm {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -183,6 +183,7 @@ class TrainConfig:
     seq_len: int = 256
     microbatches: int = 1  # gradient accumulation: batch_size / microbatches per pass
     stage: str = "full"  # full | align | custom  (what is trained, see train/freeze.py)
+    init_from: str = ""  # params of this checkpoint (e.g. `ualm import-hf` output) start a new run
     freeze: list = field(default_factory=list)  # extra globs of parameter names to freeze
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic eval (still one at the end if eval_batches > 0)

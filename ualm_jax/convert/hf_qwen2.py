@@ -110,6 +110,7 @@ def decoder_to_hf(decoder: dict, cfg) -> dict[str, np.ndarray]:
         for i in range(cfg.n_layers):
             x = (np.asarray(_get(decoder, ("layers",) + path))[i] if cfg.scan_layers
                  else np.asarray(_get(decoder, (f"layers_{i}",) + path)))
-            out[HF_LAYER.format(i=i) + suffix] = to_hf(x)
+            # Contiguous: safetensors writes the raw buffer of a transposed view otherwise.
+            out[HF_LAYER.format(i=i) + suffix] = np.ascontiguousarray(to_hf(x))
     out["model.norm.weight"] = np.asarray(decoder["norm"]["scale"])
     return out

@@ -64,7 +64,7 @@ class UALM(nn.Module):
     def output_params(self):
         head = self.embed if self.cfg.tie_embeddings else self.head
         # e_0 = 0: stream 0 reads the bare hidden state.
-        emb = self.stream_emb.at[0].set(0.0)
+        emb = jnp.asarray(self.stream_emb).at[0].set(0.0)
         return head, emb
 
     def embed_tokens(self, tokens):

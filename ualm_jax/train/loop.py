@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ualm_jax.checkpoint import Checkpointer, with_shardings
+from ualm_jax.checkpoint import Checkpointer, load_params, with_shardings
 from ualm_jax.config import Config
 from ualm_jax.model.flops import flops_per_token
 from ualm_jax.model.loss import LossSums
@@ -21,7 +21,7 @@ from ualm_jax.train import freeze, rundir
 from ualm_jax.train.metrics import MetricsWriter
 from ualm_jax.train.mfu import mfu, peak_flops_per_device
 from ualm_jax.train.optim import learning_rate_schedule, make_optimizer
-from ualm_jax.train.state import abstract_state, create_state, state_shardings
+from ualm_jax.train.state import abstract_state, create_state, state_from_params, state_shardings
 from ualm_jax.train.step import (jit_train_step, make_eval_step, make_train_step, sums_metrics,
                                  with_mesh_context)
 
@@ -105,6 +105,10 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
         if data_state is not None:
             train_iter.set_state(data_state)
         print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    elif t.init_from:
+        params = load_params(t.init_from, info["params"], shardings["params"])
+        state, start = state_from_params(tx, params, shardings), 0
+        print(f"initialised parameters from {t.init_from}", flush=True)
     else:
         state, start = create_state(model, tx, shardings, jax.random.key(cfg.seed)), 0
 

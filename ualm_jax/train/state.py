@@ -56,3 +56,10 @@ def create_state(model, tx, shardings, rng):
         params = nn.meta.unbox(_init_fn(model)(rng))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     return jax.jit(make, out_shardings=shardings)(rng)
+
+
+def state_from_params(tx, params, shardings):
+    """A fresh train state (step 0, new optimiser state) around given parameters."""
+    def make(p):
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+    return jax.jit(make, in_shardings=(shardings["params"],), out_shardings=shardings)(params)

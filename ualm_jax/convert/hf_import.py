@@ -1,0 +1,125 @@
+"""`ualm import-hf`: a local HF Qwen2/Qwen2.5 checkpoint -> a UALM params checkpoint.
+
+Backbone shapes come from config.json; the UALM parts (K, C, encoder, adapter) from our config.
+Text rows are copied into the shifted text interval of both the input table and the untied head
+(a tied source head is copied, not shared); special and audio rows start from normal noise with
+the text rows' std; stream embeddings, adapter (and the audio encoder unless a Whisper/AF3
+checkpoint is given) are initialised as the model initialises them. Output layout is a run
+directory: OUT/config.yaml + OUT/checkpoints/0 (params only), usable as `train.init_from`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ualm_jax.checkpoint import save_params
+from ualm_jax.config import Config
+from ualm_jax.convert.hf_files import HFTensors, read_config
+from ualm_jax.convert.hf_qwen2 import decoder_from_hf
+from ualm_jax.model.params import build_model, init_params
+from ualm_jax.model.vocab import JointVocab
+
+QWEN2_ARCHS = ("Qwen2ForCausalLM", "Qwen2Model")
+
+
+def backbone_from_hf_config(hf: dict, source: str = "config.json") -> dict:
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") != "qwen2" and not any(a in QWEN2_ARCHS for a in archs):
+        raise ValueError(f"{source}: unknown architecture (model_type={hf.get('model_type')!r}, "
+                         f"architectures={archs}); expected a Qwen2/Qwen2.5 checkpoint")
+    need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size")
+    missing = [k for k in need if k not in hf]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(missing)}")
+    heads = hf["num_attention_heads"]
+    return dict(
+        text_vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        d_ff=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e6))),
+        qkv_bias=True)
+
+
+def _small_parts(cfg, seed: int) -> dict:
+    """Adapter, stream embeddings and encoder as the model initialises them, without building
+    the (large) decoder and tables: their shapes do not depend on depth or vocabulary."""
+    small = dataclasses.replace(cfg, n_layers=1, text_vocab_size=8, num_special=16,
+                                vocab_pad_multiple=8)
+    params = init_params(build_model(small), jax.random.key(seed))
+    return {k: jax.tree.map(np.asarray, v) for k, v in params.items()
+            if k in ("adaptor", "stream_emb", "audio_encoder")}
+
+
+def vocab_tables(tensors, cfg, tied_source: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    vocab = JointVocab.from_model_config(cfg)
+    emb_name = "model.embed_tokens.weight"
+    emb = tensors[emb_name]
+    expect = (cfg.text_vocab_size, cfg.d_model)
+    if emb.shape != expect:
+        raise ValueError(f"tensor {emb_name} has shape {emb.shape}, expected {expect} from config.json")
+    head_src = emb if tied_source else tensors["lm_head.weight"]
+    if head_src.shape != expect:
+        raise ValueError(f"tensor lm_head.weight has shape {head_src.shape}, expected {expect}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for src in (emb, head_src):
+        std = float(np.asarray(src, np.float32).std())
+        table = np.zeros((vocab.padded_size, cfg.d_model), np.float32)
+        table[:vocab.size] = rng.normal(0.0, std, (vocab.size, cfg.d_model))
+        table[vocab.text_offset:vocab.audio_offset] = np.asarray(src, np.float32)
+        out.append(table)
+    return out[0], out[1]
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, cfg: Config,
+              whisper_dir: str | Path | None = None) -> dict:
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if (out_dir / "checkpoints").exists():
+        raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out")
+    hf_cfg = read_config(hf_dir)
+    for k, v in backbone_from_hf_config(hf_cfg, str(hf_dir / "config.json")).items():
+        setattr(cfg.model, k, v)
+    cfg.model.tie_embeddings = False  # UALM unties; a tied source head is copied
+    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    tensors = HFTensors(hf_dir)
+    if not tied and "lm_head.weight" not in tensors:
+        raise ValueError(f"{hf_dir}/config.json says tie_word_embeddings=false but there is no "
+                         "lm_head.weight tensor")
+    if whisper_dir is not None:
+        from ualm_jax.convert.hf_whisper import read_config as whisper_config
+
+        for k, v in whisper_config(read_config(whisper_dir)).items():
+            setattr(cfg.model.audio_encoder, k, v)
+    cfg.validate()
+
+    params = _small_parts(cfg.model, cfg.seed)
+    if whisper_dir is not None:
+        from ualm_jax.convert.hf_whisper import whisper_encoder_params_from_hf
+
+        params["audio_encoder"] = whisper_encoder_params_from_hf(HFTensors(whisper_dir),
+                                                                 cfg.model.audio_encoder)
+    params["embed"], params["head"] = vocab_tables(tensors, cfg.model, tied, cfg.seed)
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    params["decoder"] = jax.tree.map(lambda x: x.astype(dtype),
+                                     decoder_from_hf(lambda n: tensors[n], cfg.model))
+
+    # Anything the source holds that we did not read is reported, not silently dropped.
+    read = set(n for n in tensors if n.startswith("model.layers.") or n in
+               ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"))
+    unread = sorted(set(tensors) - read)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    save_params(out_dir / "checkpoints", params)
+    report = {"source": str(hf_dir), "tied_source": tied, "tensors": len(tensors),
+              "unread_tensors": unread, "whisper": str(whisper_dir) if whisper_dir else None,
+              "vocab": JointVocab.from_model_config(cfg.model).describe()}
+    (out_dir / "import_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
