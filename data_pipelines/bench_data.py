@@ -77,12 +77,12 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
                cfg_dropout: float = 0.05, read_threads: int = 0, prefetch: int = 0,
                seconds: float = 5.0, warmup_batches: int = 3, seed: int = 0,
                split: str = "train", records_per_task: int = 2000,
-               lookahead: Optional[int] = None) -> dict:
+               lookahead: Optional[int] = None, shapes: Optional[Mapping] = None) -> dict:
     """Packed tokens/s (non-pad positions) and rows/s, warm-up excluded.
 
     sources / paths: task -> random-access source, or -> built dataset directory. With neither,
     synthetic records of the three UALM kinds are made (records_per_task each) with the paper's
-    token blend. mixture: `data.mixture` entries (default: every task, share 1).
+    token blend; shapes: kind -> SHAPES overrides for them. mixture: `data.mixture` entries (default: every task, share 1).
     """
     from data_pipelines.grain_pipeline import make_iterator, packing_efficiency
 
@@ -90,7 +90,9 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
     if sources is None and paths:
         sources = _open_paths(paths, split)
     if sources is None:
-        sources = {kind: synthetic_records(kind, records_per_task, vocab, n_mels, seed=i)
+        shapes = shapes or {}
+        sources = {kind: synthetic_records(kind, records_per_task, vocab, n_mels, seed=i,
+                                           shapes=shapes.get(kind))
                    for i, kind in enumerate(SHAPES)}
         mixture = mixture or [{"name": "caption", "share": 0.277},
                               {"name": "t2a", "share": 0.331 / 2, "upsample": 2.0},

@@ -19,6 +19,7 @@ batch; one longer than L (or with more than F clips) can never fit and is skippe
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -72,10 +73,10 @@ class AudioLayout:
 # Rendering ------------------------------------------------------------------------------------------
 class Rendered:
     """One rendered example, ready to pack. clips: (position, n_frames, mel window [n, n_mels])."""
-    __slots__ = ("task", "tokens", "weights", "clips", "cfg_dropped", "index")
+    __slots__ = ("task", "tokens", "loss_weights", "clips", "cfg_dropped", "index")
 
-    def __init__(self, task: int, tokens, weights, clips=(), cfg_dropped=False, index=-1):
-        self.task, self.tokens, self.weights = task, tokens, weights
+    def __init__(self, task: int, tokens, loss_weights, clips=(), cfg_dropped=False, index=-1):
+        self.task, self.tokens, self.loss_weights = task, tokens, loss_weights
         self.clips, self.cfg_dropped, self.index = tuple(clips), cfg_dropped, index
 
     def __len__(self) -> int:
@@ -128,6 +129,21 @@ class Renderer:
         n = 1 + 3 * len(kinds) + int(lengths[kinds == TEXT].sum())
         n += int((lengths[kinds == CODES] + self.k - 1).sum())
         return n + sum(self.layout.frames_of(int(m)) for m in lengths[kinds == ENCODER])
+
+    def clip_count(self, rec: Mapping) -> int:
+        """Encoder windows (clip slots) the record's input audio takes."""
+        kinds, lengths = np.asarray(rec["kinds"]), np.asarray(rec["lengths"])
+        t = self.layout.mel_frames
+        return sum(1 for m in lengths[kinds == ENCODER] for s in range(0, int(m), t)
+                   if self.layout.window_frames(min(t, int(m) - s)))
+
+    def packed_length(self, rec: Mapping, seq_len: int) -> int:
+        """Positions the record adds to packed rows: its length, or 0 when it can never fit (it
+        will be skipped). Mean tokens for the mixture weights use this, so skipping does not bias
+        the realised token shares."""
+        n = self.length(rec)
+        clips = self.clip_count(rec) if self.layout.enabled else 0
+        return n if n <= seq_len and clips <= self.layout.max_clips else 0
 
     def __call__(self, index: int, rec: Mapping) -> Rendered:
         self._check_audio(rec["kinds"])
@@ -241,7 +257,7 @@ class BatchBuilder:
         s = self.used[r]
         sl = slice(s, s + n)
         self.tokens[r, sl] = e.tokens
-        self.weights[r, sl] = e.weights
+        self.weights[r, sl] = e.loss_weights
         self.segments[r] += 1
         self.segment_ids[r, sl] = self.segments[r]
         self.positions[r, sl] = self._arange[:n]
@@ -265,13 +281,32 @@ class BatchBuilder:
         return out
 
 
-class PackedIterator:
-    """Checkpointable iterator of packed host batches over a random-access stream of Rendered.
+def fill_batch(builder: BatchBuilder, waiting: list, read, lookahead: int):
+    """Fill one batch: the waiting examples first (oldest first), then new ones from read() until
+    `lookahead` examples wait or every row is full. -> (still waiting, placed, read exhausted).
+    The oldest waiting example always fits an empty batch, so none waits forever."""
+    left, placed, exhausted = [], 0, False
+    for e in waiting:
+        if builder.place(e):
+            placed += 1
+        else:
+            left.append(e)
+    while len(left) < lookahead and not builder.full():
+        try:
+            e = read()
+        except StopIteration:
+            exhausted = True
+            break
+        if builder.place(e):
+            placed += 1
+        else:
+            left.append(e)
+    return left, placed, exhausted
 
-    Each batch first takes the examples left over from the last one (oldest first), then reads
-    new ones until `lookahead` examples are waiting or every row is full. The oldest waiting
-    example always fits an empty batch, so none waits forever and none is dropped.
-    """
+
+class PackedIterator:
+    """Checkpointable iterator of packed host batches over a random-access stream of Rendered
+    (see fill_batch). State: next stream index + indices of the waiting examples + counters."""
 
     def __init__(self, stream: grain.MapDataset, batch_size: int, seq_len: int, k: int,
                  layout: AudioLayout, lookahead: int, read_threads: int = 0,
@@ -286,6 +321,7 @@ class PackedIterator:
         self._next = 0
         self._pending: list = []
         self._reader = None
+        self.max_consecutive_skips = 100_000  # then the config, not the data, is wrong: say so
         self.counts = {"batches": 0, "examples": 0, "skipped_too_long": 0,
                        "skipped_too_many_clips": 0}
 
@@ -300,7 +336,7 @@ class PackedIterator:
         return next(self._reader)
 
     def _read(self) -> Rendered:
-        for _ in range(100_000):
+        for _ in range(self.max_consecutive_skips):
             e = self._fetch()
             e.index = self._next
             self._next += 1
@@ -311,7 +347,7 @@ class PackedIterator:
                            f"{len(e.clips)} clips > max_clips_per_row {self.layout.max_clips}")
             else:
                 return e
-        raise ValueError(f"100000 examples in a row cannot fit a row of {self.seq_len} tokens: "
+        raise ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of {self.seq_len} tokens: "
                          f"raise train.seq_len or data.max_clips_per_row ({self.counts})")
 
     def _skip(self, counter: str, e: Rendered, why: str) -> None:
@@ -327,17 +363,7 @@ class PackedIterator:
 
     def __next__(self) -> dict:
         b = BatchBuilder(self.batch_size, self.seq_len, self.k, self.layout)
-        waiting, self._pending = self._pending, []
-        for e in waiting:
-            if not b.place(e):
-                self._pending.append(e)
-        placed = len(waiting) - len(self._pending)
-        while len(self._pending) < self.lookahead and not b.full():
-            e = self._read()
-            if b.place(e):
-                placed += 1
-            else:
-                self._pending.append(e)
+        self._pending, placed, _ = fill_batch(b, self._pending, self._read, self.lookahead)
         self.counts["batches"] += 1
         self.counts["examples"] += placed
         return b.finish()
@@ -387,7 +413,8 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
 
     mean_tokens: per-task mean rendered length (e.g. from the builder's stats.json); tasks not in
     it are estimated from up to `estimate_records` records spread over the WHOLE source, so every
-    host derives the same weights. CFG dropout applies to the train split only.
+    host derives the same weights, counting records that can never fit a row as 0 tokens (they are
+    skipped, so this keeps the realised token shares on target). CFG dropout applies to the train split only.
     """
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
@@ -404,8 +431,8 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
     names = [e.name for e in entries]
     renderers = [Renderer(vocab, layout, i, seed, cfg_dropout, name=f"mixture task {e.name!r}")
                  for i, e in enumerate(entries)]
-    means = mix.resolve_mean_tokens(entries, sources, {n: r.length for n, r in zip(names, renderers)},
-                                    mean_tokens, estimate_records)
+    fits = {n: functools.partial(r.packed_length, seq_len=seq_len) for n, r in zip(names, renderers)}
+    means = mix.resolve_mean_tokens(entries, sources, fits, mean_tokens, estimate_records)
     weights = mix.sampling_weights(entries, means)
     active = [i for i, e in enumerate(entries) if weights[e.name] > 0]
     datasets = [task_dataset(sources[entries[i].name], renderers[i], seed, process_index,

@@ -94,7 +94,8 @@ def sampling_weights(entries: Sequence[MixtureEntry],
         m = mean_tokens.get(e.name)
         if m is None or not np.isfinite(m) or m <= 0:
             raise ValueError(f"mixture task {e.name!r} (data.mixture[{i}]) has no usable mean "
-                             f"token count ({m!r}): is its source empty?")
+                             f"token count ({m!r}): is its source empty, or does none of its "
+                             f"sampled records fit train.seq_len / data.max_clips_per_row?")
         raw[e.name] = e.weighted_share / float(m)
     total = sum(raw.values())
     return {k: v / total for k, v in raw.items()}

@@ -77,3 +77,47 @@ def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, w
 
 def print_json(record: dict) -> None:
     print(json.dumps(record), flush=True)
+
+
+def _dir_bytes(path) -> int:
+    from pathlib import Path
+
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def bench_export(model: str, workdir: str, fmt: str = "pytorch") -> dict:
+    """Writes a random params checkpoint of `model`, exports it in a child process and reports
+    the child's peak resident memory against the checkpoint's size on disk."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ualm_jax.checkpoint import save_params
+    from ualm_jax.model.params import init_params
+
+    work = Path(workdir)
+    ckpt = work / f"ckpt-{model}"
+    if not (ckpt / "checkpoints").exists():
+        cfg = load_config(None, [f"model.preset={model}"])
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "config.yaml").write_text(cfg.to_yaml())
+        params = init_params(build_model(cfg.model), jax.random.key(0))
+        save_params(ckpt / "checkpoints", params)
+        del params
+    out = work / f"export-{model}-{fmt}"
+    code = ("import sys; from ualm_jax.convert.export import export; "
+            "export(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    subprocess.run([sys.executable, "-c", code, str(ckpt), str(out), fmt], check=True, env=env)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    ckpt_bytes = _dir_bytes(ckpt / "checkpoints")
+    return {"bench": "export", "model": model, "format": fmt, "checkpoint_bytes": ckpt_bytes,
+            "export_bytes": _dir_bytes(out), "peak_rss_bytes": peak,
+            "peak_over_checkpoint": peak / ckpt_bytes, "seconds": seconds,
+            "note": None if before == 0 else "peak includes earlier children of this process"}

@@ -10,6 +10,10 @@ from ualm_jax.config import ConfigError
 def _bench(args) -> int:
     from ualm_jax.bench import bench_step, print_json
 
+    if args.what == "export":
+        from ualm_jax.bench import bench_export
+
+        print_json(bench_export(args.model, args.workdir, args.format))
     if args.what == "step":
         print_json(bench_step(args.model, args.batch, args.seq, args.mesh, args.steps,
                               warmup=args.warmup, text_only=args.text_only,
@@ -92,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=_inspect)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
-    b.add_argument("what", choices=["step"], help="step: the real train step")
+    b.add_argument("what", choices=["step", "export"],
+                   help="step: the real train step; export: peak memory of exporting a checkpoint")
+    b.add_argument("--workdir", default="runs/bench-export", help="export: where checkpoints go")
+    b.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"], help="export format")
     b.add_argument("--model", default="tiny", help="model preset: tiny, 0.5b, 1.5b, 7b")
     b.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     b.add_argument("--seq", type=int, default=128, help="sequence length")

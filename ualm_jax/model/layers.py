@@ -84,7 +84,7 @@ def stack_layers(layer_cls, n_layers: int, scan: bool, remat: str, in_axes: int)
     if remat != "none":
         cls = nn.remat(cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-        cls = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        cls = nn.scan(cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast,) * in_axes, length=n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return cls

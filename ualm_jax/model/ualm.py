@@ -39,6 +39,7 @@ class Adapter(nn.Module):
 
 class UALM(nn.Module):
     cfg: ModelConfig
+    decode: bool = False  # KV-cache decoding (ualm_jax/infer): same parameters, a 'cache' collection
 
     @property
     def vocab(self) -> JointVocab:
@@ -54,7 +55,7 @@ class UALM(nn.Module):
             self.head = param_with_axes(self, "head", init, (v, c.d_model), pdt, ("vocab", "embed"))
         self.stream_emb = param_with_axes(self, "stream_emb", init, (max(c.num_codebooks, 1), c.d_model),
                                           pdt, ("stream", "embed"))
-        self.decoder = Decoder(c, name="decoder")
+        self.decoder = Decoder(c, self.decode, name="decoder")
         if c.audio_encoder.enabled:
             self.audio_encoder = AudioEncoder(c.audio_encoder, dtype_of(c.dtype), pdt,
                                               name="audio_encoder")

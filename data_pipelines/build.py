@@ -1,0 +1,249 @@
+"""Build stored records from a manifest, and open them again.
+
+    report = build("captions", "data/caps.jsonl", "out/caps", codec="spectral:codec_dir",
+                   tokenizer="tok/tokenizer.json", eval_fraction=0.05)
+    src = open_source("out/caps", "train")      # random access, records as numpy dicts
+    task, segments, mels = from_record(src[0], frames_of=encoder_frames_of_mel)
+
+Kinds: "captions" (t2a + caption records; `task` = both | t2a | caption), "audio-qa", "text-sft",
+"preference" (see data_pipelines/builders/). Output folder:
+  OUT/build_report.json   lines, written, skipped (written + skipped = lines), per-split line and
+                          record counts, skipped_by_code, skipped_lines [{line, code, reason}],
+                          the TFDS dataset folder (relative) and the settings (vocab, codec, mels)
+  OUT/stats.json          {split: {lines, records, tokens, tasks: {task: {records, tokens,
+                          mean_tokens}}}}; tokens = rendered sequence length (template.render with
+                          the JointVocab of the tokenizer's vocab size and the codec's K, C; user
+                          audio counts its encoder frames). The mixture turns token-share targets
+                          into sampling weights with it.
+  OUT/ualm_<kind>/[config/]1.0.0/   the TFDS dataset (ArrayRecord or TFRecord shards)
+Splits: "train", and "validation" when lines say `"split": "validation"` or `eval_fraction` > 0
+(a line's split comes from a hash of its text: deterministic, stable under reordering).
+Rebuilding into the same OUT replaces the previous build.
+
+Scale with Apache Beam (install `tensorflow-datasets[beam]`, i.e. apache-beam; a local build never
+needs it). Pass `beam_options` (a list of pipeline flags or a `PipelineOptions`) and the same
+builders run their per-line work on Beam workers: the manifest is cut into chunks of 1000 lines
+(byte offsets), each chunk is converted on a worker, examples go to TFDS's Beam writer and each
+line's log entry to OUT/_build_log/, which `build` merges into the report afterwards.
+  * Locally, all cores:
+      ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+       "--direct_num_workers=0"]
+  * Dataflow (manifest, audio and OUT on GCS, e.g. OUT=gs://BUCKET/ualm/caps):
+      ["--runner=DataflowRunner", "--project=PROJECT", "--region=REGION",
+       "--temp_location=gs://BUCKET/tmp", "--staging_location=gs://BUCKET/staging",
+       "--setup_file=./setup.py",            # ships data_pipelines + ualm_jax to the workers
+       "--machine_type=n2-highmem-8", "--max_num_workers=256",
+       "--experiments=use_runner_v2"]
+    plus "--sdk_container_image=IMAGE" when the workers need torch/transformers (X-codec); an
+    X-codec given as a folder is loaded from that folder ON EACH WORKER (bake it into the image),
+    while a SpectralCodec and the tokenizer are pickled from this process.
+  The CLI takes the same flags as one string: `ualm data build ... --beam "--runner=DirectRunner"`.
+  TFDS turns them into `DownloadConfig(beam_options=PipelineOptions(flags))`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence, Union
+
+FORMATS = ("array_record", "tfrecord")
+REPORT_FILE = "build_report.json"
+STATS_FILE = "stats.json"
+
+
+class BuildError(ValueError):
+    """The build could not start (a usage error): missing manifest, tokenizer, codec, bad option."""
+
+
+def _exists(path: str) -> bool:
+    if "://" in path:
+        from etils import epath
+
+        return epath.Path(path).exists()
+    return os.path.exists(path)
+
+
+def _remove(path: str) -> None:
+    if "://" in path:
+        from etils import epath
+
+        p = epath.Path(path)
+        if p.exists():
+            p.rmtree() if p.is_dir() else p.unlink()
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
+
+
+def _beam_options(beam_options):
+    if beam_options is None or not isinstance(beam_options, (list, tuple, str)):
+        return beam_options
+    import shlex
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    flags = shlex.split(beam_options) if isinstance(beam_options, str) else list(beam_options)
+    return PipelineOptions(flags)
+
+
+def make_converter(kind: str, manifest: str, *, codec=None, tokenizer=None, n_mels: int = 128,
+                   min_seconds: float = 0.1, max_seconds: float = 600.0, task: Optional[str] = None):
+    """The per-line converter of `kind` (raises BuildError on usage errors)."""
+    from data_pipelines.builders import BUILDERS
+    from data_pipelines.builders.common import resolve_codec, resolve_tokenizer
+
+    if kind not in BUILDERS:
+        raise BuildError(f"unknown kind {kind!r}: one of {', '.join(BUILDERS)}")
+    if tokenizer is None:
+        raise BuildError("a text tokenizer is needed (tokenizer.json)")
+    try:
+        tokenizer = resolve_tokenizer(tokenizer)
+        codec = resolve_codec(codec)
+    except (OSError, ValueError) as e:
+        raise BuildError(str(e)) from e
+    manifest_dir = os.path.dirname(manifest) if "://" in manifest else \
+        os.path.dirname(os.path.abspath(manifest))
+    try:
+        return BUILDERS[kind].converter_cls(
+            manifest_dir=manifest_dir, tokenizer=tokenizer, codec=codec, n_mels=n_mels,
+            min_seconds=min_seconds, max_seconds=max_seconds, task=task)
+    except ValueError as e:
+        raise BuildError(str(e)) from e
+
+
+def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None, n_mels: int = 128,
+          file_format: str = "array_record", min_seconds: float = 0.1, max_seconds: float = 600.0,
+          eval_fraction: float = 0.0, task: Optional[str] = None,
+          beam_options: Union[None, str, Sequence[str], object] = None,
+          beam_runner=None) -> dict:
+    """Build `kind` records from `manifest` into `out_dir`; -> the report (also written to
+    out_dir/build_report.json). Bad lines are skipped and listed, never fatal; usage errors raise
+    BuildError before anything is written.
+
+    codec: a Codec, a codec folder (`load_codec`) or "spectral:DIR"; tokenizer: a TextTokenizer or
+    a tokenizer.json path; task: captions -> both | t2a | caption, other kinds -> the task name
+    stored in the records (default audio_qa / text_sft / preference).
+    """
+    import tensorflow_datasets as tfds
+
+    from data_pipelines.builders import BUILDERS
+    from data_pipelines.builders.common import (LOG_DIR, BuildPlan, chunk_outcomes, read_beam_logs,
+                                                scan_manifest, summarize, write_json)
+
+    manifest, out_dir = os.fspath(manifest), os.fspath(out_dir)
+    if not _exists(manifest) or os.path.isdir(manifest):
+        raise BuildError(f"manifest not found: {manifest}")
+    if file_format not in FORMATS:
+        raise BuildError(f"file_format must be one of {FORMATS}, got {file_format!r}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise BuildError(f"eval_fraction must lie in [0, 1), got {eval_fraction}")
+    converter = make_converter(kind, manifest, codec=codec, tokenizer=tokenizer, n_mels=n_mels,
+                               min_seconds=min_seconds, max_seconds=max_seconds, task=task)
+    cls = BUILDERS[kind]
+    use_beam = beam_options is not None or beam_runner is not None
+    log_dir = _join(out_dir, LOG_DIR)
+    for stale in (_join(out_dir, cls.name), _join(out_dir, REPORT_FILE), _join(out_dir, STATS_FILE),
+                  log_dir):
+        _remove(stale)
+    if "://" not in out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+
+    scan = scan_manifest(manifest, eval_fraction)
+    plan = BuildPlan(converter, manifest, scan, eval_fraction, log_dir if use_beam else None)
+    dataset_dir, built = None, []
+    if scan.splits:
+        builder = cls(plan=plan, data_dir=out_dir, config=converter.config_name)
+        with tempfile.TemporaryDirectory() as downloads:  # nothing is downloaded; keep OUT clean
+            builder.download_and_prepare(
+                download_dir=downloads, file_format=file_format,
+                download_config=tfds.download.DownloadConfig(
+                    try_download_gcs=False, beam_runner=beam_runner,
+                    beam_options=_beam_options(beam_options)))
+        entries = read_beam_logs(log_dir) if use_beam else builder.log
+        dataset_dir = os.path.relpath(str(builder.data_dir), out_dir) if "://" not in out_dir \
+            else str(builder.data_dir)[len(out_dir.rstrip("/")) + 1:]
+        built = list(builder.info.splits.keys())
+    else:  # no line parsed: no dataset, but every line still gets its entry
+        entries = [entry for chunk in scan.chunks
+                   for _, entry in chunk_outcomes(converter, manifest, chunk, "train",
+                                                  eval_fraction, True)]
+
+    report, stats = summarize(kind, entries, scan.lines, built)
+    report.update({"task": converter.task, "manifest": manifest, "file_format": file_format,
+                   "dataset_dir": dataset_dir, "settings": converter.metadata(),
+                   "eval_fraction": eval_fraction})
+    write_json(_join(out_dir, STATS_FILE), stats)
+    write_json(_join(out_dir, REPORT_FILE), report)
+    return report
+
+
+# Reading back ---------------------------------------------------------------------------------------
+def _dataset_dir(out_dir: str) -> str:
+    import json
+
+    from data_pipelines.builders.common import _open
+
+    path = _join(os.fspath(out_dir), REPORT_FILE)
+    if not _exists(path):
+        raise FileNotFoundError(f"no {REPORT_FILE} in {out_dir}: not a build output folder")
+    with _open(path, "r") as f:
+        rel = json.load(f).get("dataset_dir")
+    if rel is None:
+        raise ValueError(f"the build in {out_dir} wrote no records (see {REPORT_FILE})")
+    return _join(os.fspath(out_dir), rel)
+
+
+def _decode_text(rec):
+    """tfds gives Text features as bytes: `task` (at any depth) back to str."""
+    if isinstance(rec, dict):
+        return {k: _decode_text(v) for k, v in rec.items()}
+    return rec.decode("utf-8") if isinstance(rec, bytes) else rec
+
+
+class RecordSource:
+    """Random access over built records (len, [i]), each a numpy dict with `task` as str.
+    Grain can read it directly (`grain.MapDataset.source(src)`)."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        return _decode_text(self._source[index])
+
+    def __getitems__(self, indices) -> list:
+        getitems = getattr(self._source, "__getitems__", None)
+        recs = getitems(list(indices)) if getitems else [self._source[i] for i in indices]
+        return [_decode_text(r) for r in recs]
+
+    def __repr__(self) -> str:
+        return f"RecordSource({len(self)} records)"
+
+
+def open_source(out_dir: str, split: str = "train") -> RecordSource:
+    """The ArrayRecord records of one split of a build, as a random-access source."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(_dataset_dir(out_dir))
+    fmt = builder.info.file_format
+    if fmt is not None and getattr(fmt, "value", fmt) != "array_record":
+        raise ValueError(f"{out_dir} was built as {getattr(fmt, 'value', fmt)}: random access needs "
+                         "array_record; use open_tf_dataset for tf.data / SeqIO")
+    if split not in builder.info.splits:
+        raise KeyError(f"no split {split!r} in {out_dir}; built: {list(builder.info.splits.keys())}")
+    return RecordSource(builder.as_data_source(split))
+
+
+def open_tf_dataset(out_dir: str, split: str = "train"):
+    """A tf.data.Dataset of the records of a TFRecord build (the SeqIO path)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(_dataset_dir(out_dir)).as_dataset(split=split)

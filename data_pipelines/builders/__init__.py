@@ -1,0 +1,19 @@
+"""TFDS builders that turn manifests into stored records (data_pipelines.records).
+
+Use `data_pipelines.build.build(kind, manifest, out_dir, ...)` rather than these classes directly.
+"""
+from data_pipelines.builders.audio_qa import AudioQABuilder
+from data_pipelines.builders.captions import CaptionsBuilder
+from data_pipelines.builders.common import ManifestBuilder, Skip, encoder_frames_of_mel
+from data_pipelines.builders.preference import PreferenceBuilder, from_preference_record
+from data_pipelines.builders.text_sft import TextSFTBuilder
+
+BUILDERS = {
+    "captions": CaptionsBuilder,
+    "audio-qa": AudioQABuilder,
+    "text-sft": TextSFTBuilder,
+    "preference": PreferenceBuilder,
+}
+
+__all__ = ["BUILDERS", "ManifestBuilder", "Skip", "encoder_frames_of_mel", "from_preference_record",
+           "CaptionsBuilder", "AudioQABuilder", "TextSFTBuilder", "PreferenceBuilder"]

@@ -1,0 +1,29 @@
+"""Text-only conversations (reasoning / SFT) -> text records (task "text_sft").
+
+Manifest: JSON lines `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...],
+"split"?: "validation"}`. Every message needs non-empty text; assistant turns carry the loss.
+Consecutive messages of one role are kept as they are (the template closes them with <eot>).
+"""
+from __future__ import annotations
+
+from data_pipelines.builders.audio_qa import check_messages
+from data_pipelines.builders.common import Converter, ManifestBuilder
+from data_pipelines.template import Segment
+
+
+class TextSFTConverter(Converter):
+    kind = "text-sft"
+    default_task = "text_sft"
+
+    def check(self, data: dict) -> None:
+        check_messages(data, allow_audio=False)
+
+    def records(self, data: dict) -> list:
+        segments = [Segment(m["role"], "text", self.encode(m["content"].strip()))
+                    for m in data["messages"]]
+        return [self.record(self.task, segments)]
+
+
+class TextSFTBuilder(ManifestBuilder, skip_registration=True):
+    name = "ualm_text_sft"
+    converter_cls = TextSFTConverter
