@@ -16,9 +16,6 @@ KINDS = ("captions", "audio-qa", "text-sft", "preference")
 def _build(args) -> int:
     from data_pipelines.build import REPORT_FILE, BuildError, build
 
-    if args.tokenizer and not os.path.exists(args.tokenizer):
-        print(f"ualm data build: tokenizer not found: {args.tokenizer}", file=sys.stderr)
-        return 2
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # one summary line instead of TFDS's per-shard bars
@@ -52,7 +49,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--codec", default=None,
                    help="codec folder (X-codec or saved SpectralCodec) or 'spectral:DIR'; needed "
                         "for captions (t2a) and preference")
-    b.add_argument("--tokenizer", default=None, required=True, help="tokenizer.json (or its folder)")
+    b.add_argument("--tokenizer", required=True, help="tokenizer.json (or its folder)")
     b.add_argument("--n-mels", type=int, default=128, help="log-mel bins of the encoder input")
     b.add_argument("--format", choices=("array_record", "tfrecord"), default="array_record",
                    help="array_record for Grain (random access), tfrecord for tf.data / SeqIO")

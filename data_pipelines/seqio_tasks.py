@@ -84,7 +84,8 @@ def render_preprocessor(ds: tf.data.Dataset, renderer: Renderer) -> tf.data.Data
         shapes = ([None, k], [None, k], [], [None], [None], [None, t, m], [None])
         for x, s in zip(out, shapes):
             x.set_shape(s)
-        return dict(zip(TASK_FEATURE_NAMES, out))
+        feats = dict(zip(TASK_FEATURE_NAMES, out))
+        return feats if layout.enabled else {k: feats[k] for k in TASK_FEATURE_NAMES[:3]}
 
     return ds.enumerate().map(fn, num_parallel_calls=1, deterministic=True)
 
@@ -93,10 +94,16 @@ TASK_FEATURE_NAMES = ("tokens", "loss_weights", "task_id", "clip_positions", "cl
                       "clip_mel", "clip_mel_frames")
 
 
-def output_features(vocab: JointVocab) -> dict:
+def output_features(vocab: JointVocab, layout: AudioLayout) -> dict:
+    """Every rendered feature is declared: seqio Mixtures keep only declared output features."""
     ids = seqio.PassThroughVocabulary(size=vocab.padded_size)
-    return {"tokens": seqio.Feature(ids, add_eos=False, dtype=tf.int32, rank=2),
-            "loss_weights": seqio.Feature(ids, add_eos=False, dtype=tf.float32, rank=2)}
+    feat = functools.partial(seqio.Feature, ids, add_eos=False, required=False)
+    out = {"tokens": feat(dtype=tf.int32, rank=2), "loss_weights": feat(dtype=tf.float32, rank=2),
+           "task_id": feat(dtype=tf.int32, rank=0)}
+    if layout.enabled:
+        out.update(clip_positions=feat(dtype=tf.int32), clip_frames=feat(dtype=tf.int32),
+                   clip_mel=feat(dtype=tf.float16, rank=3), clip_mel_frames=feat(dtype=tf.int32))
+    return out
 
 
 # Registration ---------------------------------------------------------------------------------------------
@@ -136,7 +143,7 @@ def register_tasks(sources: Mapping[str, object], cfg_data, vocab: JointVocab, s
                 splits=list(split_sources[e.name]),
                 num_input_examples={s: len(v) for s, v in split_sources[e.name].items()}),
             preprocessors=[functools.partial(render_preprocessor, renderer=renderers[e.name])],
-            output_features=output_features(vocab))
+            output_features=output_features(vocab, layout))
         names.append(name)
     mixture_name = f"{prefix}_mixture"
     seqio.MixtureRegistry.remove(mixture_name)
@@ -258,4 +265,5 @@ def get_packed_dataset(mixture_or_task: str, seq_len: int, vocab: JointVocab,
     return seqio.get_dataset(mixture_or_task, task_feature_lengths(seq_len, layout),
                              dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
                              shard_info=seqio.ShardInfo(shard_index, num_shards), seed=seed,
-                             use_cached=False, feature_converter=conv)
+                             use_cached=False, feature_converter=conv,
+                             trim_output_features=False)  # over-long: skipped, never truncated

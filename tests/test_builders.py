@@ -252,3 +252,41 @@ def test_preference(data):
     expected = sum(len(render(side[1], vocab)) for p in pairs.values() for side in p[:2])
     assert stats["train"]["tasks"]["preference"]["tokens"] == expected
     assert not math.isnan(stats["train"]["tasks"]["preference"]["mean_tokens"])
+
+
+def test_builds_survive_lines_that_all_fail(data):
+    """No parsable line: a report and no dataset. A split whose every line fails is left out."""
+    root = data["root"]
+    manifest = write_manifest(root / "bad.jsonl", ["{", "", "[1, 2]"])
+    out = str(root / "out_bad")
+    report = build("text-sft", manifest, out, tokenizer=data["tokenizer"])
+    check_report(report, 3, {1: ("bad_json", ["malformed"]), 2: ("blank_line", ["empty line"]),
+                             3: ("bad_json", ["JSON object"])})
+    assert report["dataset_dir"] is None and report["splits"] == {}
+    with pytest.raises(ValueError, match="no records"):
+        open_source(out)
+
+    manifest = write_manifest(root / "half_bad.jsonl", [
+        {"audio": "audio/low16k.wav", "caption": CAPTIONS[1]},
+        {"audio": "audio/corrupt.wav", "caption": "x", "split": "validation"}])
+    out = str(root / "out_half_bad")
+    report = build("captions", manifest, out, tokenizer=data["tokenizer"], task="caption", n_mels=80)
+    check_report(report, 2, {2: ("audio_unreadable", ["corrupt.wav"])})
+    assert list(report["splits"]) == ["train"] and len(open_source(out)) == 1
+    with pytest.raises(KeyError, match="validation"):
+        open_source(out, "validation")
+
+
+def test_manifest_chunks_cover_every_line_once(tmp_path):
+    """Beam workers read chunks by byte offset: together they give back every line in order."""
+    from data_pipelines.builders.common import read_chunk, scan_manifest
+
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"i": i, "split": "validation" if i % 3 == 0 else "train"}) for i in range(7)]
+    path.write_bytes(("\r\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:])).encode())  # no final \n
+    scan = scan_manifest(str(path), 0.0, chunk_lines=3)
+    assert scan.lines == 8 and [c.lines for c in scan.chunks] == [3, 3, 2]
+    assert scan.candidates == {"train": 4, "validation": 3}
+    got = [(n, raw.strip()) for c in scan.chunks for n, raw in read_chunk(str(path), c)]
+    assert [n for n, _ in got] == list(range(1, 9))
+    assert [r.decode() for _, r in got if r] == lines

@@ -44,7 +44,7 @@ def check_messages(data: dict, allow_audio: bool) -> list:
             if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
                 raise Skip("bad_value", f"{where}: 'audio' must be a path or a list of paths")
         what = "answer" if role == "assistant" else f"{role} text"
-        require_text(m, "content", f"{what} ({where})", allow_empty=audio is not None)
+        require_text(m, "content", f"{what} in {where}", allow_empty=audio is not None)
     if not any(m["role"] == "assistant" for m in messages):
         raise Skip("bad_value", "no assistant message: nothing to learn from")
     return messages

@@ -157,7 +157,7 @@ def read_chunk(path: str, chunk: Chunk) -> Iterator[tuple]:
 # Converters -------------------------------------------------------------------------------------------
 def require_text(obj: dict, key: str, what: str, allow_empty: bool = False) -> str:
     if key not in obj:
-        raise Skip("missing_key", f"missing key {key!r}" + (f" in {what}" if what != key else ""))
+        raise Skip("missing_key", f"missing key {key!r}" + (f" ({what})" if what != key else ""))
     value = obj[key]
     if not isinstance(value, str):
         raise Skip("bad_value", f"{what} must be a string, got {type(value).__name__}")
@@ -201,6 +201,8 @@ class Converter:
                  min_seconds: float = 0.1, max_seconds: float = 600.0, task: Optional[str] = None):
         if tokenizer is None:
             raise ValueError(f"{self.kind} needs a text tokenizer (tokenizer.json)")
+        if n_mels < 1:
+            raise ValueError(f"n_mels must be positive, got {n_mels}")
         if min_seconds < 0 or max_seconds <= min_seconds:
             raise ValueError(f"need 0 <= min_seconds < max_seconds, got {min_seconds}, {max_seconds}")
         self.manifest_dir = manifest_dir
@@ -304,7 +306,8 @@ class Converter:
             try:  # the header first: an absurdly long file is refused before it is decoded
                 info = sf.info(local)
             except Exception as e:  # libsndfile's errors vary by format
-                raise Skip("audio_unreadable", f"cannot read audio file {rel}: {e}") from None
+                raise Skip("audio_unreadable",
+                           f"cannot read audio file {rel}: {str(e).replace(local, rel)}") from None
             if info.frames == 0:
                 raise Skip("audio_empty", f"audio file {rel} holds no samples")
             self._check_duration(rel, info.frames / info.samplerate)
@@ -482,8 +485,10 @@ class BuildPlan:
 
 
 class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A TFDS builder over one manifest. Subclasses set `name` (and configs where they have any)."""
+    """A TFDS builder over one manifest. Subclasses set `name`, `converter_cls` (and configs where
+    they have any); `build.build` makes the converter and the plan."""
 
+    converter_cls = Converter
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Records of data_pipelines.records (to_record fields)."}
 

@@ -33,7 +33,7 @@ class PreferenceConverter(Converter):
     def check(self, data: dict) -> None:
         require_text(data, "prompt", "prompt")
         for side in SIDES:
-            require_text(data, side, f"{side} audio path")
+            require_text(data, side, side)
         given = [k for k in ("ref_logp_chosen", "ref_logp_rejected") if data.get(k) is not None]
         if len(given) == 1:
             other = "ref_logp_rejected" if given[0] == "ref_logp_chosen" else "ref_logp_chosen"

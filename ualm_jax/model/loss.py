@@ -32,12 +32,13 @@ class LossSums(NamedTuple):
     per_task: jax.Array  # [T] weighted CE sums by task id (T = num_tasks, may be 0)
     per_task_count: jax.Array  # [T] normaliser by task
     correct: jax.Array  # stream-0 targets predicted right by argmax, among the counted ones
+    per_row: jax.Array  # [B] weighted CE per sequence (= -log-prob; used by DPO)
 
     @staticmethod
-    def zeros(k: int, num_tasks: int) -> "LossSums":
+    def zeros(k: int, num_tasks: int, rows: int) -> "LossSums":
         z = jnp.zeros((), jnp.float32)
         return LossSums(z, z, jnp.zeros((k,)), jnp.zeros((k,)), jnp.zeros((num_tasks,)),
-                        jnp.zeros((num_tasks,)), z)
+                        jnp.zeros((num_tasks,)), z, jnp.zeros((rows,)))
 
 
 def shift_targets(tokens, loss_weights, segment_ids):
@@ -109,7 +110,7 @@ def _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks: int, vo
     else:
         per_task = per_task_count = jnp.zeros((num_tasks,), jnp.float32)
     return LossSums(per_stream.sum(), counted.sum(), per_stream, weights.sum(axis=(0, 1)),
-                    per_task, per_task_count, correct.sum())
+                    per_task, per_task_count, correct.sum(), wce.sum(axis=(1, 2)))
 
 
 def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "reference",
@@ -137,7 +138,7 @@ def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "r
         return jax.tree.map(jnp.add, carry, s), None
 
     task_chunks = split(tasks) if tasks is not None else jnp.zeros((n, b, chunk_size), jnp.int32) - 1
-    zero = LossSums.zeros(targets.shape[-1], num_tasks)
+    zero = LossSums.zeros(targets.shape[-1], num_tasks, b)
     sums, _ = jax.lax.scan(body, zero, (split(h), split(targets), split(weights), task_chunks))
     return sums
 

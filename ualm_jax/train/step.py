@@ -44,7 +44,8 @@ def grads_and_sums(loss_fn, params, batch, microbatches: int = 1, num_tasks: int
 
     mbs = _split_microbatches(batch, microbatches)
     zero_g = jax.tree.map(jnp.zeros_like, params)
-    zero_s = LossSums.zeros(batch["tokens"].shape[-1], num_tasks)
+    zero_s = LossSums.zeros(batch["tokens"].shape[-1], num_tasks,
+                            batch["tokens"].shape[0] // microbatches)
     (g, s), _ = jax.lax.scan(body, (zero_g, zero_s), mbs)
     return g, s
 
