@@ -29,7 +29,7 @@ endif
 	touch $@
 
 demo: venv
-	$(CPU8) $(VENV)/bin/ualm bench step --model tiny --batch 8 --seq 128 --mesh data=2,fsdp=2,tensor=2 --steps 5
+	$(CPU8) $(VENV)/bin/ualm train --config configs/demo.yaml --run-dir runs/demo
 
 # pytest exits 5 when no test was collected (e.g. a -k that matches nothing): not a failure.
 test: venv

@@ -183,7 +183,7 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     return report
 
 
-# Reading back ---------------------------------------------------------------------------------------
+# Reading back -------------------------------------------------------------------------------------
 def _dataset_dir(out_dir: str) -> str:
     import json
 

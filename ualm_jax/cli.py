@@ -30,7 +30,25 @@ def _train(args) -> int:
     summary = train(cfg, args.run_dir)
     if summary["preempted"]:
         print(f"stopped at step {summary['step']} (checkpoint saved); rerun the same command to resume")
+    else:
+        print(results_table(summary))
     return 0
+
+
+def results_table(summary: dict) -> str:
+    """Per-task loss at the first logged step vs held-out loss at the end."""
+    first, ev = summary.get("first_loss") or {}, summary.get("eval") or {}
+    tasks = sorted({k.split("/", 1)[1] for k in first if k.startswith("loss/") and "stream" not in k}
+                   | {k.split("/", 2)[2] for k in ev if k.startswith("eval/loss/")})
+    lines = [f"results after {summary['step']} steps ({summary['run_dir']})",
+             f"{'task':<10} {'first train loss':>17} {'final eval loss':>16}"]
+    for t in tasks:
+        a, b = first.get(f"loss/{t}"), ev.get(f"eval/loss/{t}")
+        lines.append(f"{t:<10} {a if a is None else f'{a:.4f}':>17} {b if b is None else f'{b:.4f}':>16}")
+    if ev:
+        lines.append(f"{'all':<10} {first.get('loss', float('nan')):>17.4f} {ev['eval/loss']:>16.4f}"
+                     f"   eval stream-0 accuracy {ev['eval/accuracy']:.3f}")
+    return "\n".join(lines)
 
 
 def _import_hf(args) -> int:
@@ -94,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("path")
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=_inspect)
+
+    from data_pipelines.cli_data import add_data_parser
+
+    add_data_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
     b.add_argument("what", choices=["step", "export"],

@@ -52,7 +52,7 @@ def encoder_frames_of_mel(n_mel_frames: int) -> int:
     return F.encoder_frames(int(n_mel_frames) * F.HOP)
 
 
-# Errors and log entries -----------------------------------------------------------------------------
+# Errors and log entries ---------------------------------------------------------------------------
 class Skip(Exception):
     """A manifest line that cannot become a record. code: short category; reason: for humans."""
 
@@ -65,7 +65,7 @@ def skipped_entry(line: int, split: Optional[str], skip: Skip) -> dict:
     return {"line": line, "split": split, "code": skip.code, "reason": skip.reason}
 
 
-# Manifest reading -------------------------------------------------------------------------------------
+# Manifest reading ---------------------------------------------------------------------------------
 def _open(path: str, mode: str = "rb"):
     if "://" in str(path):  # gs:// etc. for Beam workers; local files need no etils
         from etils import epath
@@ -154,7 +154,7 @@ def read_chunk(path: str, chunk: Chunk) -> Iterator[tuple]:
             yield chunk.first_line + i, f.readline()
 
 
-# Converters -------------------------------------------------------------------------------------------
+# Converters ---------------------------------------------------------------------------------------
 def require_text(obj: dict, key: str, what: str, allow_empty: bool = False) -> str:
     if key not in obj:
         raise Skip("missing_key", f"missing key {key!r}" + (f" ({what})" if what != key else ""))
@@ -208,7 +208,8 @@ class Converter:
         self.manifest_dir = manifest_dir
         self._tokenizer_spec, self._codec_spec = tokenizer, codec
         self._tokenizer = self._codec = self._vocab = None
-        self.n_mels, self.min_seconds, self.max_seconds = int(n_mels), float(min_seconds), float(max_seconds)
+        self.n_mels = int(n_mels)
+        self.min_seconds, self.max_seconds = float(min_seconds), float(max_seconds)
         self.task = task or self.default_task
         if self.needs_codec and self.codec is None:
             raise ValueError(f"{self.kind} ({self.task}) writes codec codes: give a codec")
@@ -219,7 +220,8 @@ class Converter:
         state = dict(self.__dict__)
         # A neural codec named by a path is reloaded on each worker rather than pickled with its
         # weights; a SpectralCodec (a few arrays) travels as it is.
-        if isinstance(self._codec_spec, (str, os.PathLike)) and not isinstance(self._codec, SpectralCodec):
+        by_path = isinstance(self._codec_spec, (str, os.PathLike))
+        if by_path and not isinstance(self._codec, SpectralCodec):
             state["_codec"] = None
         return state
 
@@ -368,7 +370,7 @@ def _local_copy(path: str):
         yield tmp.name
 
 
-# One line, one chunk ----------------------------------------------------------------------------------
+# One line, one chunk ------------------------------------------------------------------------------
 def convert_line(converter: Converter, line: int, split: str, data: dict) -> tuple:
     """-> (examples [(key, example)], log entry). Never raises for a bad line."""
     try:
@@ -401,7 +403,7 @@ def chunk_outcomes(converter: Converter, manifest: str, chunk: Chunk, split: str
             yield convert_line(converter, line, split, data)
 
 
-# Report and stats -------------------------------------------------------------------------------------
+# Report and stats ---------------------------------------------------------------------------------
 def summarize(kind: str, entries: Iterable[dict], lines: int, built_splits: Sequence[str]) -> tuple:
     """Log entries -> (report, stats). written + skipped == lines when every line was logged."""
     entries = sorted(entries, key=lambda e: e["line"])
@@ -460,7 +462,7 @@ def read_beam_logs(log_dir: str) -> list:
     return entries
 
 
-# TFDS -------------------------------------------------------------------------------------------------
+# TFDS ---------------------------------------------------------------------------------------------
 def record_features(code_columns: int, n_mels: int) -> dict:
     """TFDS features of `records.to_record`'s fields. The mel is stored as raw float16 bytes
     (half the size of a float list); codes as varint ints (small values, compact)."""

@@ -128,15 +128,18 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     prefetch = data_lib.Prefetcher(train_iter, mesh, rules, names)
     step, skipped, preempted = start, 0, False
     pending = None  # (step, device metrics, task mix): logged one step later, never blocking
+    last_eval = first_loss = None
     data_state = train_iter.get_state()
     started = last_log_time = time.perf_counter()
     last_log_step = start
     stop_at = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
 
     def flush(item):
-        nonlocal skipped, last_log_time, last_log_step
+        nonlocal skipped, last_log_time, last_log_step, first_loss
         s, metrics, mix = item
         rec = _scalars(metrics, names)
+        if first_loss is None:
+            first_loss = rec
         skipped += rec["skipped"]
         if rec["skipped"] and t.nan_policy == "stop":
             raise NonFiniteLoss(f"non-finite loss or gradient at step {s} (loss={rec['loss']}, "
@@ -162,7 +165,8 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                 if t.eval_every and step % t.eval_every == 0:
                     flush(pending)
                     pending = None
-                    writer.write(evaluate(eval_fn, state["params"], cfg, mesh, names, step))
+                    last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
+                    writer.write(last_eval)
                 if preemption.requested or ckpt.reached_preemption(step):
                     preempted = True
                     break
@@ -171,7 +175,8 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
             if pending is not None:
                 flush(pending)
             if step == t.steps and t.eval_batches and not (t.eval_every and step % t.eval_every == 0):
-                writer.write(evaluate(eval_fn, state["params"], cfg, mesh, names, step))
+                last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
+                writer.write(last_eval)
             stopped_early = step < t.steps
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, data_state, force=True)
@@ -182,7 +187,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     if preempted:
         print(f"preempted: saved step {step}, exiting cleanly", flush=True)
     return {"step": step, "preempted": preempted or stopped_early, "skipped_steps": skipped,
-            "state": state, "run_dir": str(path)}
+            "state": state, "run_dir": str(path), "eval": last_eval, "first_loss": first_loss}
 
 
 def evaluate(eval_fn, params, cfg, mesh, names, step: int) -> dict:
