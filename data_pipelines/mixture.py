@@ -117,6 +117,20 @@ def estimate_mean_tokens(source, length_of: Callable[[dict], int], n: int = 512)
     return float(np.mean([length_of(source[int(i)]) for i in idx]))
 
 
+def stats_mean_tokens(stats: Mapping, split: str, task: Optional[str] = None) -> Optional[float]:
+    """Mean rendered tokens per record from a build's stats.json
+    ({split: {records, tokens, tasks: {task: {records, tokens, mean_tokens}}}}): the task's when
+    the build holds only that task, else the whole split's (the source mixes its tasks); None
+    when the stats do not say. Unlike the estimate, it counts records too long to pack."""
+    s = stats.get(split) or {}
+    tasks = s.get("tasks") or {}
+    if task is not None and set(tasks) == {task}:
+        return float(tasks[task]["mean_tokens"])
+    if s.get("records"):
+        return float(s["tokens"]) / float(s["records"])
+    return None
+
+
 def run_tokens(steps: int, batch_size: int, seq_len: int) -> int:
     """Packed positions a run consumes (global batch)."""
     return int(steps) * int(batch_size) * int(seq_len)

@@ -292,3 +292,49 @@ def test_bench_data_reports_tokens_per_second():
                      shapes=SHAPES)
     assert out["packed_tokens_per_s"] > 0 and 0 < out["packing_efficiency"] <= 1
     assert packing_efficiency({"segment_ids": np.array([[1, 1, 0, 0]])}) == 0.5
+
+
+# Trainer entry point ------------------------------------------------------------------------------------
+def test_config_iterator_uses_model_vocab_audio_window_and_host_share():
+    from data_pipelines.grain_pipeline import make_config_iterator
+    from ualm_jax.config import load_config
+
+    c = load_config(None, ["data.source=mixture", "train.batch_size=4", "train.seq_len=128",
+                           "data.max_clips_per_row=2",
+                           "data.mixture=[{name: text, path: p/text, share: 1},"
+                           " {name: caption, path: p/cap, share: 1}]"])
+    vb = JointVocab.from_model_config(c.model)
+    enc = c.model.audio_encoder
+    recs = {"p/text": synthetic_records("text", 50, vb, enc.n_mels, shapes=SHAPES["text"]),
+            "p/cap": synthetic_records("caption", 50, vb, enc.n_mels, seed=1,
+                                       shapes={**SHAPES["caption"], "mel": (20, 60)})}
+    opened = []
+
+    def open_source(path, split):
+        opened.append((path, split))
+        return recs[path]
+
+    it = make_config_iterator(c, "validation", process_index=1, process_count=2,
+                              open_source=open_source)
+    b = next(it)
+    assert opened == [("p/text", "validation"), ("p/cap", "validation")] and it.per_host
+    assert b["tokens"].shape == (2, 128, max(c.model.num_codebooks, 1))
+    assert b["audio_features"].shape == (2, 2, enc.max_mel_frames, enc.n_mels)
+    assert it.fingerprint["seed"] == c.data.eval_seed and it.fingerprint["process_index"] == 1
+    with pytest.raises(ValueError, match=r"data.mixture\[0\].path is empty"):
+        c.data.mixture = [{"name": "text", "share": 1}]
+        make_config_iterator(c, process_index=0, process_count=1, open_source=open_source)
+
+
+def test_mean_tokens_from_build_stats():
+    stats = {"train": {"records": 4, "tokens": 400,
+                       "tasks": {"t2a": {"records": 1, "tokens": 340, "mean_tokens": 340.0},
+                                 "caption": {"records": 3, "tokens": 60, "mean_tokens": 20.0}}},
+             "validation": {"records": 2, "tokens": 50, "tasks": {"text_sft": {
+                 "records": 2, "tokens": 50, "mean_tokens": 25.0}}}}
+    assert mix.stats_mean_tokens(stats, "validation", "text_sft") == 25.0
+    assert mix.stats_mean_tokens(stats, "train", "t2a") == 100.0  # a source holding both tasks
+    assert mix.stats_mean_tokens(stats, "test") is None
+    it = make_iterator(SOURCES, cfg(), VB, B, L, 0, N_MELS, MEL_FRAMES, FPW,
+                       mean_tokens={"text": 10.0, "caption": 10.0, "t2a": 10.0})
+    assert it.weights == pytest.approx({"text": 0.5, "caption": 0.2, "t2a": 0.3})

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from ualm_jax.config import ConfigError
 
 
@@ -79,6 +81,47 @@ def _inspect(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import json
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from ualm_jax.infer.decode import GenerationConfig
+    from ualm_jax.infer.tasks import caption, load, text_to_audio
+
+    m = load(args.checkpoint, args.tokenizer, args.codec)
+    gen_cfg = GenerationConfig(max_new=args.max_new, cfg_scale=args.cfg, seed=args.seed,
+                               top_k=args.top_k, audio_temperature=args.temperature,
+                               max_audio_frames=args.max_audio_frames)
+    if args.prompts:  # batch mode: one output per JSON line
+        items = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    elif args.task == "text-to-audio":
+        if not args.prompt or not args.out:
+            raise ValueError("--task text-to-audio needs --prompt TEXT and --out FILE.wav")
+        items = [{"prompt": args.prompt, "out": args.out}]
+    else:
+        if not args.audio:
+            raise ValueError("--task caption needs --audio FILE.wav")
+        items = [{"audio": args.audio}]
+    if args.task == "text-to-audio":
+        if m.codec is None:
+            raise ValueError("no codec to decode audio: pass --codec DIR or set data.codec")
+        codes = text_to_audio(m, [it["prompt"] for it in items], gen_cfg)
+        for i, (it, c) in enumerate(zip(items, codes)):
+            out = Path(it.get("out") or Path(args.out_dir or ".") / f"sample_{i:04d}.wav")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(out, m.codec.decode(c) if len(c) else np.zeros(1, np.float32), m.codec.sample_rate)
+            print(json.dumps({"prompt": it["prompt"], "out": str(out), "frames": int(len(c))}))
+    else:
+        from data_pipelines.features import load_audio
+
+        texts = caption(m, [load_audio(it["audio"]) for it in items], gen_cfg)
+        for it, text in zip(items, texts):
+            print(json.dumps({"audio": it["audio"], "caption": text}) if args.prompts else text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ualm", description="Train, evaluate and export UALM models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--torch-bin", action="store_true", help="also write torch.load-able pytorch_model.bin")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=_export)
+
+    g = sub.add_parser("generate", help="text -> audio (with guidance) or audio -> caption",
+                       description="Guidance follows UALM: logits = cfg*cond + (1-cfg)*uncond, so "
+                       "--cfg 3.0 equals a scale s=2 in the c + s*(c-u) convention; 1.0 disables it.")
+    g.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
+    g.add_argument("--task", required=True, choices=["text-to-audio", "caption"])
+    g.add_argument("--prompt", help="caption to render as audio")
+    g.add_argument("--audio", help="audio file to caption")
+    g.add_argument("--out", help="output .wav (text-to-audio)")
+    g.add_argument("--prompts", help="batch mode: JSON lines with prompt/out or audio")
+    g.add_argument("--out-dir", help="batch mode: where .wav files go when a line has no out")
+    g.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
+    g.add_argument("--top-k", type=int, default=20)
+    g.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
+    g.add_argument("--max-new", type=int, default=256)
+    g.add_argument("--max-audio-frames", type=int, default=500)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
+    g.add_argument("--codec", help="codec dir (default: data.codec of the run)")
+    g.set_defaults(func=_generate)
 
     n = sub.add_parser("inspect", help="tensor tree of a checkpoint / HF / exported directory")
     n.add_argument("path")

@@ -222,6 +222,8 @@ class DataConfig:
     # `share` is a target share of TOKENS; `upsample` multiplies it (then shares are renormalised).
     mixture: list = field(default_factory=list)
     cfg_dropout: float = 0.05  # classifier-free guidance: drop all conditioning of t2a samples
+    tokenizer: str = ""  # tokenizer.json of the text vocabulary (generation, builders)
+    codec: str = ""  # codec directory (X-codec or a saved SpectralCodec) to decode generated audio
     max_clips_per_row: int = 4  # encoder-input clips (30 s windows) one packed row can hold
     read_threads: int = 0  # Grain ReadOptions.num_threads (0 measured fastest on small hosts)
     prefetch: int = 2  # batches prepared ahead of the step

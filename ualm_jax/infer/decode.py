@@ -168,9 +168,9 @@ def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
     next_pos = pos[:, -1] + 1
 
     states = [RowState(phase=start_phase) for _ in range(n)]
-    if start_phase == "audio":
+    if start_phase in ("audio", "text"):  # the prompt already holds the modality header
         for s in states:
-            s.segments.append(Segment("audio"))
+            s.segments.append(Segment(start_phase))
     key = jax.random.key(cfg.seed)
     sample_fn = _sampler(vocab, cfg.top_k, guided, cfg.cfg_scale)
     for _ in range(cfg.max_new):

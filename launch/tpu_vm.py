@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Cloud TPU VM launcher: create (or reuse) a slice, install this repo on every worker, run
+`ualm train` on all workers at once.
+
+    python launch/tpu_vm.py --name ualm-v5p --zone us-east5-a [--accelerator-type v5p-128] \
+        [--spot] [--num-slices 2] [--reuse] [--skip-install] [--git-url URL [--git-ref REF]] \
+        --config configs/ualm_gen_1.5b.yaml --run-dir gs://BUCKET/runs/gen [key=value ...] \
+        [--dry-run]
+
+Steps (each a gcloud command; `--dry-run` prints them, one per line, shell-quoted, and runs
+nothing; lines starting with `#` are waits the launcher does itself):
+1. create: `gcloud compute tpus tpu-vm create` (one slice), or for `--num-slices N > 1` a queued
+   resource `gcloud compute tpus queued-resources create --node-count N` whose slices are the
+   TPU VMs NAME-0 .. NAME-(N-1). Without --dry-run an existing slice / queued resource of that
+   name is reused; `--reuse` skips the step altogether.
+2. install on every worker (`--worker=all`): the working tree as a tarball (or `git clone`),
+   a Python venv (uv fetches Python 3.11+; TPU images ship an older one), then
+   `pip install -r requirements.lock jax[tpu]==<pinned jax> -f <libtpu releases>` (the CPU torch
+   wheel of the lock comes from the PyTorch CPU index) and `pip install --no-deps -e .`.
+3. run on every worker of every slice: `UALM_DISTRIBUTED=1 ualm train ...`. `ualm train` calls
+   `jax.distributed.initialize()`, which on a TPU VM reads its rank, the worker list and the
+   coordinator (worker 0) from the metadata server.
+
+Multislice: the queued resource puts the Megascale settings in each VM's `tpu-env` metadata,
+where libtpu and jax read them: MEGASCALE_COORDINATOR_ADDRESS (worker 0 of slice 0),
+MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, MEGASCALE_PORT. jax numbers processes slice by slice
+(process = slice_id * hosts_per_slice + worker). The launcher adds `mesh.dcn.data=N` (data
+parallel across slices over DCN; FSDP/TP stay inside a slice on ICI) unless the overrides
+already set a `mesh.dcn.*` size.
+
+The config path is relative to the repo root on the workers (the repo is copied there). The run
+directory should be shared by all workers (a gs:// bucket, or a mounted file system).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LIBTPU_LINKS = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+UV_VERSION = "0.13.8"  # as the Makefile
+# TPU VM runtime image per accelerator family (`--version` overrides).
+RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+            "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+
+
+def pinned_jax_version() -> str:
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line.startswith("jax=="):
+            return line.split("==", 1)[1].strip()
+    raise SystemExit("requirements.lock pins no jax version")
+
+
+def default_runtime(accelerator: str) -> str:
+    family = accelerator.rsplit("-", 1)[0]
+    if family not in RUNTIMES:
+        raise SystemExit(f"no default runtime for {accelerator}; pass --version")
+    return RUNTIMES[family]
+
+
+def node_names(args) -> list[str]:
+    if args.num_slices == 1:
+        return [args.name]
+    return [f"{args.name}-{i}" for i in range(args.num_slices)]
+
+
+def gcloud_tail(args) -> list[str]:
+    """Flags every `gcloud compute tpus` call takes."""
+    return [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
+
+
+def create_cmd(args) -> list[str]:
+    common = [f"--accelerator-type={args.accelerator_type}"] + (["--spot"] if args.spot else [])
+    if args.num_slices == 1:
+        return ["gcloud", "compute", "tpus", "tpu-vm", "create", args.name, *gcloud_tail(args),
+                *common, f"--version={args.version}"]
+    return ["gcloud", "compute", "tpus", "queued-resources", "create", args.name,
+            *gcloud_tail(args), *common, f"--runtime-version={args.version}",
+            f"--node-count={args.num_slices}", f"--node-prefix={args.name}"]
+
+
+def exists_cmd(args) -> list[str]:
+    kind = ["tpu-vm"] if args.num_slices == 1 else ["queued-resources"]
+    return ["gcloud", "compute", "tpus", *kind, "describe", args.name, *gcloud_tail(args),
+            "--format=value(name)"]
+
+
+def ssh_cmd(args, node: str, command: str) -> list[str]:
+    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, *gcloud_tail(args),
+            "--worker=all", f"--command={command}"]
+
+
+def tarball(args) -> str:
+    return os.path.join(tempfile.gettempdir(), f"ualm-jax-{args.name}.tar.gz")
+
+
+def pack_cmd(args) -> list[str]:
+    """The working tree (committed or not), without the local venv, git data and runs."""
+    return ["tar", "-czf", tarball(args), "--exclude=./.venv", "--exclude=./.git",
+            "--exclude=./runs", "--exclude=__pycache__", "--exclude=*.egg-info", "-C", str(REPO), "."]
+
+
+def install_script(args) -> str:
+    d = args.remote_dir
+    if args.git_url:
+        fetch = (f"(test -d {d}/.git || git clone -q {shlex.quote(args.git_url)} {d}) && "
+                 f"git -C {d} fetch -q origin && git -C {d} checkout -q {shlex.quote(args.git_ref)}")
+    else:
+        fetch = f"mkdir -p {d} && tar -xzf ~/ualm-jax.tar.gz -C {d}"
+    pip = f"{d}/.venv/bin/python -m pip install -q"
+    return " && ".join([
+        "set -e", fetch,
+        f"python3 -m pip install -q --user uv=={UV_VERSION}",
+        f"python3 -m uv venv -q --seed --allow-existing --python {args.python} {d}/.venv",
+        f"{pip} -r {d}/requirements.lock {shlex.quote(f'jax[tpu]=={pinned_jax_version()}')} "
+        f"-f {LIBTPU_LINKS} --extra-index-url {TORCH_CPU_INDEX}",
+        f"{pip} --no-deps -e {d}",
+    ])
+
+
+def train_overrides(args) -> list[str]:
+    over = list(args.overrides)
+    if args.num_slices > 1 and not any(o.startswith("mesh.dcn.") for o in over):
+        over.append(f"mesh.dcn.data={args.num_slices}")
+    return over
+
+
+def config_on_worker(path: str) -> str:
+    """A config inside this repo -> its path relative to the repo root (where it is copied)."""
+    p = Path(path)
+    if "://" in path or not p.exists():
+        return path
+    try:
+        return str(p.resolve().relative_to(REPO))
+    except ValueError:
+        raise SystemExit(f"--config {path} is outside the repo, so the workers will not have it; "
+                         "put it under configs/") from None
+
+
+def run_script(args) -> str:
+    d = args.remote_dir
+    train = shlex.join([f"{d}/.venv/bin/ualm", "train", "--config", config_on_worker(args.config),
+                        "--run-dir", args.run_dir, *train_overrides(args)])
+    line = f"cd {d} && UALM_DISTRIBUTED=1 {train[len(d) + 1:] if train.startswith(d) else train}"
+    if args.detach:  # survives the ssh session; logs stay on each worker
+        return f"cd {d} && UALM_DISTRIBUTED=1 setsid nohup {train} > ~/ualm-train.log 2>&1 < /dev/null &"
+    return line
+
+
+def plan(args) -> list[list[str] | str]:
+    """The steps in order: argv lists to run, strings for waits done in Python."""
+    steps: list[list[str] | str] = []
+    if not args.reuse:
+        steps.append(create_cmd(args))
+        if args.num_slices > 1:
+            steps.append(f"# wait until queued resource {args.name} is ACTIVE")
+    if not args.skip_install:
+        if not args.git_url:
+            steps.append(pack_cmd(args))
+        for node in node_names(args):
+            if not args.git_url:
+                steps.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball(args),
+                              f"{node}:ualm-jax.tar.gz", *gcloud_tail(args), "--worker=all"])
+            steps.append(ssh_cmd(args, node, install_script(args)))
+    if args.num_slices > 1:
+        steps.append("# the run commands below are started together, one per slice")
+    steps += [ssh_cmd(args, node, run_script(args)) for node in node_names(args)]
+    return steps
+
+
+def wait_active(args, timeout_s: int = 6 * 3600) -> None:
+    cmd = ["gcloud", "compute", "tpus", "queued-resources", "describe", args.name,
+           *gcloud_tail(args), "--format=value(state.state)"]
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        print(f"queued resource {args.name}: {state or '?'}", flush=True)
+        if state == "ACTIVE":
+            return
+        if state in ("FAILED", "SUSPENDED"):
+            raise SystemExit(f"queued resource {args.name} is {state}")
+        time.sleep(30)
+    raise SystemExit(f"queued resource {args.name} not ACTIVE after {timeout_s} s")
+
+
+def execute(args, steps) -> int:
+    runs = [s for s in steps if isinstance(s, list) and "--command=" + run_script(args) in s]
+    for step in steps:
+        if isinstance(step, str):
+            if "ACTIVE" in step:
+                wait_active(args)
+            continue
+        if step in runs:
+            continue
+        if step == create_cmd(args) and subprocess.run(
+                exists_cmd(args), capture_output=True).returncode == 0:
+            print(f"reusing existing {args.name}", flush=True)
+            continue
+        print("+ " + shlex.join(step), flush=True)
+        subprocess.run(step, check=True)
+    # All slices must start together: Megascale waits for every slice.
+    procs = [subprocess.Popen(s) for s in runs]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", required=True, help="TPU VM (or queued resource) name")
+    p.add_argument("--zone", required=True)
+    p.add_argument("--project", default=None, help="default: gcloud's configured project")
+    p.add_argument("--accelerator-type", default="v5p-128")
+    p.add_argument("--version", default=None, help="TPU runtime (default: per accelerator family)")
+    p.add_argument("--spot", action="store_true", help="spot capacity (may be preempted)")
+    p.add_argument("--num-slices", type=int, default=1, help="> 1: multislice via queued resources")
+    p.add_argument("--reuse", action="store_true", help="never create; the slice must exist")
+    p.add_argument("--skip-install", action="store_true", help="workers already have the repo")
+    p.add_argument("--git-url", default=None, help="clone this on the workers instead of copying")
+    p.add_argument("--git-ref", default="main")
+    p.add_argument("--remote-dir", default="ualm-jax", help="repo directory under the worker's home")
+    p.add_argument("--python", default="3.11", help="Python version of the workers' venv")
+    p.add_argument("--detach", action="store_true",
+                   help="start training in the background (log: ~/ualm-train.log on each worker)")
+    p.add_argument("--config", required=True, help="config path relative to the repo root")
+    p.add_argument("--run-dir", required=True, help="shared run directory, e.g. gs://bucket/run")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    if args.num_slices < 1:
+        p.error("--num-slices must be >= 1")
+    args.version = args.version or default_runtime(args.accelerator_type)
+    steps = plan(args)
+    if args.dry_run:
+        for step in steps:
+            print(step if isinstance(step, str) else shlex.join(step))
+        return 0
+    return execute(args, steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
