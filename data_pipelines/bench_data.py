@@ -82,7 +82,8 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
 
     sources / paths: task -> random-access source, or -> built dataset directory. With neither,
     synthetic records of the three UALM kinds are made (records_per_task each) with the paper's
-    token blend; shapes: kind -> SHAPES overrides for them. mixture: `data.mixture` entries (default: every task, share 1).
+    token blend; shapes: kind -> SHAPES overrides for them. mixture: `data.mixture` entries
+    (default: every task, share 1).
     """
     from data_pipelines.grain_pipeline import make_iterator, packing_efficiency
 

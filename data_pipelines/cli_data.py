@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-KINDS = ("captions", "audio-qa", "text-sft", "preference")
+KINDS = ("captions", "audio-qa", "text-sft", "preference", "reason")
 
 
 def _build(args) -> int:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-# Audio layout ----------------------------------------------------------------------------------------
+# Audio layout -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AudioLayout:
     """How encoder-input audio maps to clip slots: windows of `mel_frames` log-mel frames, each
@@ -70,7 +70,7 @@ class AudioLayout:
         return sum(self.window_frames(min(t, n_mel - s)) for s in range(0, int(n_mel), t))
 
 
-# Rendering ------------------------------------------------------------------------------------------
+# Rendering ----------------------------------------------------------------------------------------
 class Rendered:
     """One rendered example, ready to pack. clips: (position, n_frames, mel window [n, n_mels])."""
     __slots__ = ("task", "tokens", "loss_weights", "clips", "cfg_dropped", "index")
@@ -166,7 +166,7 @@ class Renderer:
         return Rendered(self.task, ex.tokens, ex.loss_weights, clips, ex.cfg_dropped, index)
 
 
-# Mixing ---------------------------------------------------------------------------------------------
+# Mixing -------------------------------------------------------------------------------------------
 class WeightedInterleave(grain.transforms.DatasetSelectionMap):
     """Deterministic weighted interleave of infinite datasets: index -> (dataset, index in it).
 
@@ -230,7 +230,7 @@ def task_dataset(source, renderer: Renderer, seed: int, process_index: int = 0,
     return ds.repeat().map_with_index(_ReadAndRender(source, renderer))
 
 
-# Packing --------------------------------------------------------------------------------------------
+# Packing ------------------------------------------------------------------------------------------
 class BatchBuilder:
     """First-fit packing of Rendered examples into one [B, L, K] batch (plus clip slots)."""
 
@@ -363,8 +363,9 @@ class PackedIterator:
                            f"{len(e.clips)} clips > max_clips_per_row {self.layout.max_clips}")
             else:
                 return e
-        raise ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of {self.seq_len} tokens: "
-                         f"raise train.seq_len or data.max_clips_per_row ({self.counts})")
+        raise ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of "
+                         f"{self.seq_len} tokens: raise train.seq_len or data.max_clips_per_row "
+                         f"({self.counts})")
 
     def _skip(self, counter: str, e: Rendered, why: str) -> None:
         self.counts[counter] += 1
@@ -412,7 +413,7 @@ class PackedIterator:
         return dict(self.counts)
 
 
-# Building the pipeline ---------------------------------------------------------------------------------
+# Building the pipeline ----------------------------------------------------------------------------
 def _get(cfg_data, name, default=None):
     if isinstance(cfg_data, Mapping):
         return cfg_data.get(name, default)
@@ -430,7 +431,7 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
     mean_tokens: per-task mean rendered length (e.g. from the builder's stats.json); tasks not in
     it are estimated from up to `estimate_records` records spread over the WHOLE source, so every
     host derives the same weights, counting records that can never fit a row as 0 tokens (they are
-    skipped, so this keeps the realised token shares on target). CFG dropout applies to the train split only.
+    skipped, so this keeps the realised token shares on target). CFG dropout: train split only.
     """
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
@@ -500,7 +501,7 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
                          **audio)
 
 
-# Measuring what comes out -------------------------------------------------------------------------------
+# Measuring what comes out -------------------------------------------------------------------------
 def packing_efficiency(batch: Mapping) -> float:
     """Fraction of positions holding an example (not padding)."""
     seg = np.asarray(batch["segment_ids"])

@@ -1,8 +1,9 @@
 """The task mixture: `data.mixture` entries, token-share targets -> example sampling weights.
 
-UALM blends by TOKENS (understanding 27.7%, generation 33.1% after a 2x upsample, text 39.2%), but a
-sampler picks EXAMPLES. Task i's expected token share is w_i * mean_tokens_i / sum_j w_j * mean_tokens_j,
-so hitting the target t_i = share_i * upsample_i / sum_j share_j * upsample_j needs
+UALM blends by TOKENS (understanding 27.7%, generation 33.1% after a 2x upsample, text 39.2%),
+but a sampler picks EXAMPLES. Task i's expected token share is
+w_i * mean_tokens_i / sum_j w_j * mean_tokens_j, so hitting the target
+t_i = share_i * upsample_i / sum_j share_j * upsample_j needs
 
     w_i  proportional to  share_i * upsample_i / mean_tokens_i.
 

@@ -36,7 +36,7 @@ RECORD_SIGNATURE = {
 _FIELDS = tuple(RECORD_SIGNATURE)
 
 
-# Source ------------------------------------------------------------------------------------------------
+# Source -------------------------------------------------------------------------------------------
 def _record_dataset_fn(sources: Mapping[str, object], split: str, shuffle_files: bool = False,
                        seed: Optional[int] = None) -> tf.data.Dataset:
     """A tf.data view of a random-access source of record dicts, in index order (seqio shards
@@ -53,7 +53,7 @@ def _record_dataset_fn(sources: Mapping[str, object], split: str, shuffle_files:
     return tf.data.Dataset.from_generator(gen, output_signature=RECORD_SIGNATURE)
 
 
-# Preprocessor ---------------------------------------------------------------------------------------------
+# Preprocessor -------------------------------------------------------------------------------------
 def _arrays(e: Rendered, layout: AudioLayout) -> tuple:
     """Rendered -> fixed-rank arrays (tf.numpy_function returns a flat tuple)."""
     c = len(e.clips)
@@ -106,7 +106,7 @@ def output_features(vocab: JointVocab, layout: AudioLayout) -> dict:
     return out
 
 
-# Registration ---------------------------------------------------------------------------------------------
+# Registration -------------------------------------------------------------------------------------
 def _split_sources(source, split: str) -> dict:
     """A source, or a mapping split -> source."""
     return dict(source) if isinstance(source, Mapping) else {split: source}
@@ -159,7 +159,7 @@ def task_feature_lengths(seq_len: int, layout: AudioLayout) -> dict:
         "tokens": seq_len, "loss_weights": seq_len, "task_id": 0}
 
 
-# Feature converter --------------------------------------------------------------------------------------------
+# Feature converter --------------------------------------------------------------------------------
 class PackedStreamsConverter(seqio.FeatureConverter):
     """Rendered examples -> packed rows of the Grain batch contract (one row per element; batch
     with ds.batch(B)): tokens [L,K], loss_weights [L,K], segment_ids, positions, task_ids [L]
@@ -178,7 +178,8 @@ class PackedStreamsConverter(seqio.FeatureConverter):
         spec = seqio.FeatureConverter.FeatureSpec
         self.layout, self.k = layout, max(vocab.num_codebooks, 1)
         self.rows, self.lookahead = rows, lookahead
-        self.TASK_FEATURES = {"tokens": spec(tf.int32, rank=2), "loss_weights": spec(tf.float32, rank=2),
+        self.TASK_FEATURES = {"tokens": spec(tf.int32, rank=2),
+                              "loss_weights": spec(tf.float32, rank=2),
                               "task_id": spec(tf.int32, rank=0)}
         self.MODEL_FEATURES = {"tokens": spec(tf.int32, rank=2),
                                "loss_weights": spec(tf.float32, rank=2),

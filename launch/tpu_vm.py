@@ -114,14 +114,14 @@ def install_script(args) -> str:
                  f"git -C {d} fetch -q origin && git -C {d} checkout -q {shlex.quote(args.git_ref)}")
     else:
         fetch = f"mkdir -p {d} && tar -xzf ~/ualm-jax.tar.gz -C {d}"
-    pip = f"{d}/.venv/bin/python -m pip install -q"
+    pip = ".venv/bin/python -m pip install -q"
     return " && ".join([
-        "set -e", fetch,
+        "set -e", fetch, f"cd {d}",
         f"python3 -m pip install -q --user uv=={UV_VERSION}",
-        f"python3 -m uv venv -q --seed --allow-existing --python {args.python} {d}/.venv",
-        f"{pip} -r {d}/requirements.lock {shlex.quote(f'jax[tpu]=={pinned_jax_version()}')} "
+        f"python3 -m uv venv -q --seed --allow-existing --python {args.python} .venv",
+        f"{pip} -r requirements.lock {shlex.quote(f'jax[tpu]=={pinned_jax_version()}')} "
         f"-f {LIBTPU_LINKS} --extra-index-url {TORCH_CPU_INDEX}",
-        f"{pip} --no-deps -e {d}",
+        f"{pip} --no-deps -e .",
     ])
 
 
@@ -145,33 +145,30 @@ def config_on_worker(path: str) -> str:
 
 
 def run_script(args) -> str:
-    d = args.remote_dir
-    train = shlex.join([f"{d}/.venv/bin/ualm", "train", "--config", config_on_worker(args.config),
+    train = shlex.join([".venv/bin/ualm", "train", "--config", config_on_worker(args.config),
                         "--run-dir", args.run_dir, *train_overrides(args)])
-    line = f"cd {d} && UALM_DISTRIBUTED=1 {train[len(d) + 1:] if train.startswith(d) else train}"
-    if args.detach:  # survives the ssh session; logs stay on each worker
-        return f"cd {d} && UALM_DISTRIBUTED=1 setsid nohup {train} > ~/ualm-train.log 2>&1 < /dev/null &"
-    return line
+    if args.detach:  # survives the ssh session; the log stays on each worker
+        train = f"setsid nohup {train} > ~/ualm-train.log 2>&1 < /dev/null &"
+    return f"cd {args.remote_dir} && UALM_DISTRIBUTED=1 {train}"
 
 
-def plan(args) -> list[list[str] | str]:
-    """The steps in order: argv lists to run, strings for waits done in Python."""
-    steps: list[list[str] | str] = []
+def plan(args) -> list[tuple[str, list[str] | str]]:
+    """(kind, what) in order. kind: cmd (run, stop on failure), create (skipped when the name
+    exists), wait (a poll done here, `what` says for what), start (run concurrently, awaited)."""
+    steps: list[tuple[str, list[str] | str]] = []
     if not args.reuse:
-        steps.append(create_cmd(args))
+        steps.append(("create", create_cmd(args)))
         if args.num_slices > 1:
-            steps.append(f"# wait until queued resource {args.name} is ACTIVE")
+            steps.append(("wait", f"# wait until queued resource {args.name} is ACTIVE"))
     if not args.skip_install:
         if not args.git_url:
-            steps.append(pack_cmd(args))
+            steps.append(("cmd", pack_cmd(args)))
         for node in node_names(args):
             if not args.git_url:
-                steps.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball(args),
-                              f"{node}:ualm-jax.tar.gz", *gcloud_tail(args), "--worker=all"])
-            steps.append(ssh_cmd(args, node, install_script(args)))
-    if args.num_slices > 1:
-        steps.append("# the run commands below are started together, one per slice")
-    steps += [ssh_cmd(args, node, run_script(args)) for node in node_names(args)]
+                steps.append(("cmd", ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball(args),
+                                      f"{node}:ualm-jax.tar.gz", *gcloud_tail(args), "--worker=all"]))
+            steps.append(("cmd", ssh_cmd(args, node, install_script(args))))
+    steps += [("start", ssh_cmd(args, node, run_script(args))) for node in node_names(args)]
     return steps
 
 
@@ -191,22 +188,19 @@ def wait_active(args, timeout_s: int = 6 * 3600) -> None:
 
 
 def execute(args, steps) -> int:
-    runs = [s for s in steps if isinstance(s, list) and "--command=" + run_script(args) in s]
-    for step in steps:
-        if isinstance(step, str):
-            if "ACTIVE" in step:
-                wait_active(args)
-            continue
-        if step in runs:
-            continue
-        if step == create_cmd(args) and subprocess.run(
-                exists_cmd(args), capture_output=True).returncode == 0:
+    starts = []
+    for kind, what in steps:
+        if kind == "wait":
+            wait_active(args)
+        elif kind == "start":
+            starts.append(what)
+        elif kind == "create" and subprocess.run(exists_cmd(args), capture_output=True).returncode == 0:
             print(f"reusing existing {args.name}", flush=True)
-            continue
-        print("+ " + shlex.join(step), flush=True)
-        subprocess.run(step, check=True)
-    # All slices must start together: Megascale waits for every slice.
-    procs = [subprocess.Popen(s) for s in runs]
+        else:
+            print("+ " + shlex.join(what), flush=True)
+            subprocess.run(what, check=True)
+    # Every slice runs at once (a multislice job waits for all slices to join).
+    procs = [subprocess.Popen(cmd) for cmd in starts]
     codes = [p.wait() for p in procs]
     return next((c for c in codes if c), 0)
 
@@ -238,8 +232,8 @@ def main(argv=None) -> int:
     args.version = args.version or default_runtime(args.accelerator_type)
     steps = plan(args)
     if args.dry_run:
-        for step in steps:
-            print(step if isinstance(step, str) else shlex.join(step))
+        for _, what in steps:
+            print(what if isinstance(what, str) else shlex.join(what))
         return 0
     return execute(args, steps)
 

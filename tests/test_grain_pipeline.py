@@ -70,7 +70,7 @@ def assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-# Contract --------------------------------------------------------------------------------------------
+# Contract -----------------------------------------------------------------------------------------
 def test_batch_contract_shapes_and_dtypes():
     b = next(iterator())
     want = {"tokens": ((B, L, K), np.int32), "loss_weights": ((B, L, K), np.float32),
@@ -117,7 +117,7 @@ def test_length_without_rendering_matches_render():
             assert rd.clip_count(rec) == len(rd(0, rec).clips)
 
 
-# Mixing by tokens ------------------------------------------------------------------------------------
+# Mixing by tokens ---------------------------------------------------------------------------------
 def test_realised_token_shares_hit_targets_not_example_shares():
     it = iterator()
     out = realised_shares(it, 150)
@@ -173,7 +173,7 @@ def test_mixture_weights_report_and_errors():
         make_iterator({"text": SOURCES["text"]}, cfg(), VB, B, L, 0)
 
 
-# Determinism and resume --------------------------------------------------------------------------------
+# Determinism and resume ---------------------------------------------------------------------------
 def test_same_seed_same_batches_other_seed_differs():
     assert_batches_equal(take(iterator(seed=3), 4), take(iterator(seed=3), 4))
     a, b = next(iterator(seed=3)), next(iterator(seed=4))
@@ -182,13 +182,14 @@ def test_same_seed_same_batches_other_seed_differs():
 
 @pytest.mark.parametrize("read_threads", [0, 2])
 def test_resume_from_state_is_exact(read_threads):
-    it = iterator(cfg_dropout=0.3, read_threads=read_threads)
+    threads = {"read_threads": read_threads, "prefetch": 2 if read_threads else 0}
+    it = iterator(cfg_dropout=0.3, **threads)
     take(it, 7)
     state = it.get_state()
     assert state["pending"], "the test should resume with look-ahead examples waiting"
     want = take(it, 5)
     for s in (state, json.loads(json.dumps(state))):
-        fresh = iterator(cfg_dropout=0.3, read_threads=read_threads)
+        fresh = iterator(cfg_dropout=0.3, **threads)
         fresh.set_state(s)
         assert_batches_equal(take(fresh, 5), want)
     assert fresh.stats()["batches"] == 12
@@ -196,7 +197,7 @@ def test_resume_from_state_is_exact(read_threads):
         iterator(seq=300).set_state(state)
 
 
-# Hosts ------------------------------------------------------------------------------------------------
+# Hosts --------------------------------------------------------------------------------------------
 def test_processes_read_disjoint_examples():
     seen = []
     for p in range(2):
@@ -211,7 +212,7 @@ def test_processes_read_disjoint_examples():
         assert all(i % 2 == host for _, i in ids)
 
 
-# CFG dropout ---------------------------------------------------------------------------------------------
+# CFG dropout --------------------------------------------------------------------------------------
 def test_cfg_dropout_fraction_on_text_to_audio():
     it = iterator(mixture=[{"name": "t2a", "share": 1}], cfg_dropout=0.2)
     dropped = total = 0
@@ -226,7 +227,7 @@ def test_cfg_dropout_fraction_on_text_to_audio():
     assert all(b["tokens"][r, s, 0] == V.BOS for b in take(ev, 10) for r, s, _, _ in examples(b))
 
 
-# Skipping ---------------------------------------------------------------------------------------------------
+# Skipping -----------------------------------------------------------------------------------------
 def test_over_long_examples_are_skipped_and_counted():
     long = records("t2a", 40, seed=9, codes=(300, 400))  # > L = 256 positions
     srcs = {"t2a": records("t2a", 40, seed=8)[:30] + long[:10], "text": SOURCES["text"]}
@@ -248,7 +249,7 @@ def test_over_long_examples_are_skipped_and_counted():
     assert it.stats()["skipped_too_many_clips"] == 30
 
 
-# Audio slots ------------------------------------------------------------------------------------------------
+# Audio slots --------------------------------------------------------------------------------------
 def test_audio_slots_point_at_the_right_clip_frames():
     layout = AudioLayout(N_MELS, MEL_FRAMES, FPW, CLIPS)
     it = iterator(mixture=[{"name": "caption", "share": 1}, {"name": "text", "share": 1}])
@@ -285,7 +286,7 @@ def test_audio_slots_point_at_the_right_clip_frames():
     assert multi > 0  # some clips span several encoder windows
 
 
-# Bench ------------------------------------------------------------------------------------------------
+# Bench --------------------------------------------------------------------------------------------
 def test_bench_data_reports_tokens_per_second():
     out = bench_data(vocab=VB, batch_size=2, seq_len=512, n_mels=N_MELS, mel_frames=MEL_FRAMES,
                      frames_per_window=FPW, seconds=0.2, warmup_batches=1, records_per_task=50,
@@ -294,7 +295,7 @@ def test_bench_data_reports_tokens_per_second():
     assert packing_efficiency({"segment_ids": np.array([[1, 1, 0, 0]])}) == 0.5
 
 
-# Trainer entry point ------------------------------------------------------------------------------------
+# Trainer entry point ------------------------------------------------------------------------------
 def test_config_iterator_uses_model_vocab_audio_window_and_host_share():
     from data_pipelines.grain_pipeline import make_config_iterator
     from ualm_jax.config import load_config

@@ -6,6 +6,7 @@ from data_pipelines.builders.audio_qa import AudioQABuilder
 from data_pipelines.builders.captions import CaptionsBuilder
 from data_pipelines.builders.common import ManifestBuilder, Skip, encoder_frames_of_mel
 from data_pipelines.builders.preference import PreferenceBuilder, from_preference_record
+from data_pipelines.builders.reason import ReasonBuilder, is_reason_task
 from data_pipelines.builders.text_sft import TextSFTBuilder
 
 BUILDERS = {
@@ -13,7 +14,9 @@ BUILDERS = {
     "audio-qa": AudioQABuilder,
     "text-sft": TextSFTBuilder,
     "preference": PreferenceBuilder,
+    "reason": ReasonBuilder,
 }
 
 __all__ = ["BUILDERS", "ManifestBuilder", "Skip", "encoder_frames_of_mel", "from_preference_record",
-           "CaptionsBuilder", "AudioQABuilder", "TextSFTBuilder", "PreferenceBuilder"]
+           "CaptionsBuilder", "AudioQABuilder", "TextSFTBuilder", "PreferenceBuilder",
+           "ReasonBuilder", "is_reason_task"]

@@ -1,0 +1,83 @@
+"""UALM-Reason: the three behaviours driven by the "rich caption" plan, as multi-segment records.
+
+Manifest lines (audio paths relative to the manifest; "split"?: "validation" as elsewhere):
+  enrichment:      {"behaviour": "enrichment", "prompt": "a vague request",
+                    "rich_caption": "keywords: ...; layout: ...; events: ...", "audio": "a.wav"}
+      user text -> assistant text (rich caption) <eot> assistant audio <eos>
+  dialogue:        {"behaviour": "dialogue", "turns": [{"role": "user"|"assistant", "content": ...}, ...],
+                    "rich_caption": "...", "audio": "a.wav"}
+      clarifying text turns, then assistant text (rich caption) <eot> assistant audio <eos>
+  self-reflection: {"behaviour": "self_reflection", "prompt": "...", "rich_caption": "...",
+                    "audio_v1": "v1.wav", "caption_v1": "what v1 sounds like",
+                    "critique": "what to change", "audio_v2": "v2.wav"}
+      user text -> assistant: rich caption <eot> audio v1 <eot> caption of v1 + critique <eot>
+      audio v2 <eos>
+Generated audio stays in context as codec codes. Every record's task is "reason_<behaviour>";
+the mixture renders reason tasks with their `<assistant> <modality>` continuation headers
+supervised, so the model learns to switch modality inside its own turn.
+"""
+from __future__ import annotations
+
+from data_pipelines.builders.common import Converter, ManifestBuilder, Skip, require_text
+from data_pipelines.template import Segment
+
+BEHAVIOURS = ("enrichment", "dialogue", "self_reflection")
+TASK_PREFIX = "reason_"
+
+
+def is_reason_task(task: str) -> bool:
+    return task.startswith(TASK_PREFIX)
+
+
+class ReasonConverter(Converter):
+    kind = "reason"
+    default_task = "reason"
+    needs_codec = True
+
+    def check(self, data: dict) -> None:
+        behaviour = data.get("behaviour")
+        if behaviour not in BEHAVIOURS:
+            raise Skip("behaviour", f"'behaviour' must be one of {', '.join(BEHAVIOURS)}, "
+                                    f"got {behaviour!r}")
+        require_text(data, "rich_caption", "rich caption")
+        if behaviour == "self_reflection":
+            for key in ("prompt", "audio_v1", "caption_v1", "critique", "audio_v2"):
+                require_text(data, key, key.replace("_", " "))
+        else:
+            require_text(data, "audio", "audio")
+        if behaviour == "enrichment":
+            require_text(data, "prompt", "prompt")
+        if behaviour == "dialogue":
+            turns = data.get("turns")
+            if not isinstance(turns, list) or not turns:
+                raise Skip("turns", "'turns' must be a non-empty list of {role, content}")
+            for i, t in enumerate(turns):
+                if not isinstance(t, dict) or t.get("role") not in ("user", "assistant"):
+                    raise Skip("turns", f"turns[{i}].role must be user or assistant")
+                require_text(t, "content", f"turns[{i}].content")
+            if turns[0]["role"] != "user":
+                raise Skip("turns", "the dialogue must start with a user turn")
+
+    def _audio(self, rel: str) -> Segment:
+        sr = self.codec.sample_rate
+        return Segment("assistant", "audio", self.codes(self.load_wave(rel, sr), sr, rel))
+
+    def records(self, data: dict) -> list:
+        b = data["behaviour"]
+        text = lambda role, s: Segment(role, "text", self.encode(s.strip()))
+        plan = text("assistant", data["rich_caption"])
+        if b == "enrichment":
+            segs = [text("user", data["prompt"]), plan, self._audio(data["audio"])]
+        elif b == "dialogue":
+            segs = [text(t["role"], t["content"]) for t in data["turns"]]
+            segs += [plan, self._audio(data["audio"])]
+        else:
+            reflection = data["caption_v1"].strip() + " " + data["critique"].strip()
+            segs = [text("user", data["prompt"]), plan, self._audio(data["audio_v1"]),
+                    text("assistant", reflection), self._audio(data["audio_v2"])]
+        return [self.record(TASK_PREFIX + b, segs)]
+
+
+class ReasonBuilder(ManifestBuilder, skip_registration=True):
+    name = "ualm_reason"
+    converter_cls = ReasonConverter
