@@ -54,6 +54,10 @@ def _record_dataset_fn(sources: Mapping[str, object], split: str, shuffle_files:
 
 
 # Preprocessor -------------------------------------------------------------------------------------
+TASK_FEATURE_NAMES = ("tokens", "loss_weights", "task_id", "clip_positions", "clip_frames",
+                      "clip_mel", "clip_mel_frames")
+
+
 def _arrays(e: Rendered, layout: AudioLayout) -> tuple:
     """Rendered -> fixed-rank arrays (tf.numpy_function returns a flat tuple)."""
     c = len(e.clips)
@@ -85,13 +89,9 @@ def render_preprocessor(ds: tf.data.Dataset, renderer: Renderer) -> tf.data.Data
         for x, s in zip(out, shapes):
             x.set_shape(s)
         feats = dict(zip(TASK_FEATURE_NAMES, out))
-        return feats if layout.enabled else {k: feats[k] for k in TASK_FEATURE_NAMES[:3]}
+        return feats if layout.enabled else {n: feats[n] for n in TASK_FEATURE_NAMES[:3]}
 
     return ds.enumerate().map(fn, num_parallel_calls=1, deterministic=True)
-
-
-TASK_FEATURE_NAMES = ("tokens", "loss_weights", "task_id", "clip_positions", "clip_frames",
-                      "clip_mel", "clip_mel_frames")
 
 
 def output_features(vocab: JointVocab, layout: AudioLayout) -> dict:

@@ -88,11 +88,11 @@ def run(args) -> int:
         t.join(timeout=5)
     codes = [p.wait() for p in procs]
     bad = [(i, c) for i, c in enumerate(codes) if c != 0]
-    if bad:
-        print("local launch: " + ", ".join(f"process {i} exited {c}" for i, c in bad),
-              file=sys.stderr)
-        return bad[0][1] or 1
-    return 0
+    if not bad:
+        return 0
+    print("local launch: " + ", ".join(f"process {i} exited {c}" for i, c in bad), file=sys.stderr)
+    first = codes[failed] if failed is not None else bad[0][1]  # the cause, not the stopped
+    return first if first > 0 else 128 - first  # killed by signal N -> 128 + N, as a shell
 
 
 def main(argv=None) -> int:

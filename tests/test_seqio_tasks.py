@@ -6,9 +6,8 @@ seqio = pytest.importorskip("seqio")
 
 from data_pipelines import seqio_tasks as st  # noqa: E402
 from data_pipelines.bench_data import synthetic_records  # noqa: E402
-from data_pipelines.grain_pipeline import (AudioLayout, KeyedUniform, make_iterator,  # noqa: E402
-                                           task_dataset, Renderer)
-from data_pipelines import mixture as mix  # noqa: E402
+from data_pipelines.grain_pipeline import (AudioLayout, KeyedUniform, Renderer,  # noqa: E402
+                                           make_iterator, task_dataset)
 from ualm_jax.model import vocab as V  # noqa: E402
 from ualm_jax.model.vocab import JointVocab  # noqa: E402
 

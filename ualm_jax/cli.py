@@ -25,6 +25,9 @@ def _bench(args) -> int:
 
 
 def _train(args) -> int:
+    from ualm_jax.distributed import maybe_initialize
+
+    maybe_initialize()  # before anything touches devices; a no-op on a single host
     from ualm_jax.config import load_config
     from ualm_jax.train.loop import train
 
@@ -46,7 +49,7 @@ def results_table(summary: dict) -> str:
              f"{'task':<10} {'first train loss':>17} {'final eval loss':>16}"]
     for t in tasks:
         a, b = first.get(f"loss/{t}"), ev.get(f"eval/loss/{t}")
-        lines.append(f"{t:<10} {a if a is None else f'{a:.4f}':>17} {b if b is None else f'{b:.4f}':>16}")
+        lines.append(f"{t:<10} {'-' if a is None else f'{a:.4f}':>17} {'-' if b is None else f'{b:.4f}':>16}")
     if ev:
         lines.append(f"{'all':<10} {first.get('loss', float('nan')):>17.4f} {ev['eval/loss']:>16.4f}"
                      f"   eval stream-0 accuracy {ev['eval/accuracy']:.3f}")

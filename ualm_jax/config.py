@@ -182,6 +182,7 @@ class TrainConfig:
     batch_size: int = 8  # global, in packed sequences
     seq_len: int = 256
     microbatches: int = 1  # gradient accumulation: batch_size / microbatches per pass
+    objective: str = "lm"  # lm: weighted next-token CE | dpo: preference pairs (see dpo.*)
     stage: str = "full"  # full | align | custom  (what is trained, see train/freeze.py)
     init_from: str = ""  # params of this checkpoint (e.g. `ualm import-hf` output) start a new run
     freeze: list = field(default_factory=list)  # extra globs of parameter names to freeze
@@ -209,12 +210,14 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.batch_size={self.batch_size} must be divisible by "
                               f"{prefix}.microbatches={self.microbatches}")
         _choice(f"{prefix}.stage", self.stage, ("full", "align", "custom"))
+        _choice(f"{prefix}.objective", self.objective, ("lm", "dpo"))
         _choice(f"{prefix}.nan_policy", self.nan_policy, ("skip", "stop"))
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic: built-in deterministic stream | mixture: built shards
+    source: str = "synthetic"  # synthetic: built-in stream | mixture: built shards | preference
+    preference_path: str = ""  # preference: a `ualm data build preference` output directory
     # synthetic only: relative example weights per task.
     task_weights: dict = field(default_factory=lambda: {"text": 1.0, "caption": 1.0, "t2a": 1.0})
     # mixture only: one entry per task, e.g.
@@ -230,7 +233,9 @@ class DataConfig:
     eval_seed: int = 1234  # held-out batches come from a disjoint seed
 
     def validate(self, prefix: str = "data") -> None:
-        _choice(f"{prefix}.source", self.source, ("synthetic", "mixture"))
+        _choice(f"{prefix}.source", self.source, ("synthetic", "mixture", "preference"))
+        if self.source == "preference" and not self.preference_path:
+            raise ConfigError(f"{prefix}.source=preference needs {prefix}.preference_path")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ConfigError(f"{prefix}.cfg_dropout={self.cfg_dropout} must lie in [0, 1]")
         if self.source == "mixture" and not self.mixture:
@@ -247,12 +252,25 @@ class DataConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1  # (?)
+    ce_weight: float = 1.0  # CE on the chosen sample keeps the policy from drifting (UALM.md)
+    reference: str = "online"  # online: frozen train.init_from params | offline: pairs' ref_logp
+
+    def validate(self, prefix: str = "dpo") -> None:
+        _choice(f"{prefix}.reference", self.reference, ("online", "offline"))
+        if self.beta <= 0:
+            raise ConfigError(f"{prefix}.beta={self.beta} must be positive")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     seed: int = 0
 
     def validate(self) -> "Config":
@@ -260,6 +278,14 @@ class Config:
         self.optim.validate()
         self.train.validate()
         self.data.validate()
+        self.dpo.validate()
+        if self.train.objective == "dpo":
+            if self.data.source != "preference":
+                raise ConfigError("train.objective=dpo reads preference pairs: set "
+                                  "data.source=preference and data.preference_path")
+            if self.dpo.reference == "online" and not self.train.init_from:
+                raise ConfigError("dpo.reference=online freezes the starting model as the "
+                                  "reference: set train.init_from (or use dpo.reference=offline)")
         return self
 
     def to_dict(self) -> dict:

@@ -15,20 +15,38 @@ from ualm_jax.train.synthetic import TASKS, stream_for_model
 def make_train_iterator(cfg):
     """A checkpointable iterator of host-global numpy batches (`get_state`/`set_state`)."""
     t = cfg.train
+    if cfg.data.source == "preference":
+        return _preference_iterator(cfg, "train")
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.seed, tasks=TASKS,
                             weights=weights)
 
 
+def _preference_iterator(cfg, split):
+    from data_pipelines.build import open_source
+    from data_pipelines.preference_batches import PreferenceBatches
+    from ualm_jax.model.vocab import JointVocab
+
+    if cfg.train.batch_size % 2:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be even for DPO "
+                         "(half chosen, half rejected rows)")
+    return PreferenceBatches(open_source(cfg.data.preference_path, split),
+                             JointVocab.from_model_config(cfg.model), cfg.train.batch_size // 2,
+                             cfg.train.seq_len, seed=cfg.seed,
+                             offline_reference=cfg.dpo.reference == "offline")
+
+
 def make_eval_iterator(cfg):
     t = cfg.train
+    if cfg.data.source == "preference":
+        return _preference_iterator(cfg, "train")  # used for shapes only: DPO has no eval yet
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.data.eval_seed,
                             tasks=TASKS, weights=weights)
 
 
 def task_names(cfg) -> tuple[str, ...]:
-    return TASKS
+    return () if cfg.data.source == "preference" else TASKS
 
 
 def task_mix(batch: dict, names) -> dict:

@@ -52,18 +52,17 @@ class _Preemption:
 
 
 def _scalars(metrics: dict, names) -> dict:
-    """Device metrics -> flat JSON-able dict."""
+    """Device metrics -> flat JSON-able dict (per-stream and per-task vectors spelled out)."""
     m = jax.device_get(metrics)
-    out = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-           "accuracy": float(m["accuracy"]), "skipped": int(m["skipped"]),
-           "target_tokens": int(m["target_tokens"])}
-    if "lr" in m:
-        out["lr"] = float(m["lr"])
-    for k, v in enumerate(np.asarray(m["stream_loss"])):
-        out[f"loss/stream_{k}"] = float(v)
-    for name, v, n in zip(names, np.asarray(m["task_loss"]), np.asarray(m["task_targets"])):
-        if n > 0:
-            out[f"loss/{name}"] = float(v)
+    out = {}
+    for key, v in m.items():
+        v = np.asarray(v)
+        if key == "stream_loss":
+            out.update({f"loss/stream_{k}": float(x) for k, x in enumerate(v)})
+        elif key == "task_loss":
+            out.update({f"loss/{n}": float(x) for n, x, c in zip(names, v, m["task_targets"]) if c > 0})
+        elif key != "task_targets":
+            out[key] = int(v) if v.dtype.kind in "iu" else float(v)
     return out
 
 
@@ -115,9 +114,12 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     # Compiled steps.
     example = next(data_lib.make_eval_iterator(cfg))
     b_shard = data_lib.batch_shardings_for(cfg, mesh, data_lib.process_rows(example))
-    step_fn = jit_train_step(
-        make_train_step(model, tx, schedule, t.microbatches, len(names), freeze.row_masks(spec)),
-        shardings, b_shard, mesh, rules)
+    if t.objective == "dpo":
+        step_fn = _dpo_step_fn(cfg, model, tx, schedule, shardings, b_shard, mesh, info)
+    else:
+        step_fn = jit_train_step(
+            make_train_step(model, tx, schedule, t.microbatches, len(names), freeze.row_masks(spec)),
+            shardings, b_shard, mesh, rules)
     eval_fn = jax.jit(with_mesh_context(make_eval_step(model, len(names)), mesh, rules),
                       in_shardings=(shardings["params"], b_shard))
 
@@ -162,7 +164,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                 if pending is not None:
                     flush(pending)
                 pending = (step, metrics, mix)
-                if t.eval_every and step % t.eval_every == 0:
+                if t.eval_every and step % t.eval_every == 0 and t.objective == "lm":
                     flush(pending)
                     pending = None
                     last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
@@ -174,7 +176,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                     ckpt.save(step, state, data_state)
             if pending is not None:
                 flush(pending)
-            if step == t.steps and t.eval_batches and not (t.eval_every and step % t.eval_every == 0):
+            if step == t.steps and t.eval_batches and t.objective == "lm" and not (t.eval_every and step % t.eval_every == 0):
                 last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
                 writer.write(last_eval)
             stopped_early = step < t.steps
@@ -188,6 +190,24 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
         print(f"preempted: saved step {step}, exiting cleanly", flush=True)
     return {"step": step, "preempted": preempted or stopped_early, "skipped_steps": skipped,
             "state": state, "run_dir": str(path), "eval": last_eval, "first_loss": first_loss}
+
+
+def _dpo_step_fn(cfg, model, tx, schedule, shardings, b_shard, mesh, info):
+    """The DPO step with its reference: frozen init_from params (sharded like the policy) or the
+    pairs' stored log-probs."""
+    from ualm_jax.train.dpo import make_dpo_step
+
+    step = make_dpo_step(model, tx, cfg.dpo.beta, cfg.dpo.ce_weight, schedule)
+    if cfg.dpo.reference == "offline":
+        jitted = jax.jit(with_mesh_context(lambda st, b: step(st, b), mesh, cfg.mesh.rules),
+                         in_shardings=(shardings, b_shard), out_shardings=(shardings, None),
+                         donate_argnums=(0,))
+        return jitted
+    ref = load_params(cfg.train.init_from, info["params"], shardings["params"])
+    jitted = jax.jit(with_mesh_context(step, mesh, cfg.mesh.rules),
+                     in_shardings=(shardings, b_shard, shardings["params"]),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+    return lambda st, b: jitted(st, b, ref)
 
 
 def evaluate(eval_fn, params, cfg, mesh, names, step: int) -> dict:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ def prepare(run_dir: str | Path) -> Path:
     path = Path(run_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}"  # one per process
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

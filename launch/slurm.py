@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""`ualm train` on a SLURM GPU cluster: render launch/slurm.sbatch.tmpl and `sbatch` it.
+
+    python launch/slurm.py --nodes 4 --gpus-per-node 8 [--per node|gpu] \
+        [--partition P] [--account A] [--time 24:00:00] [--ualm .venv/bin/ualm] \
+        --config configs/ualm_gen_1.5b.yaml --run-dir /shared/runs/gen [key=value ...] \
+        [--out FILE] [--dry-run]
+
+`--per gpu` (default): one task per GPU, each task sees its node's GPUs and keeps one
+(JAX_LOCAL_DEVICE_IDS=SLURM_LOCALID). `--per node`: one task per node drives all its GPUs.
+Either way JAX_COORDINATOR_ADDRESS is the first host of `scontrol show hostnames`,
+JAX_NUM_PROCESSES = SLURM_NTASKS and JAX_PROCESS_ID = SLURM_PROCID; `ualm train` passes them to
+jax.distributed.initialize. The job runs in the submit directory (or --workdir), which must be
+this repo on a file system every node sees, as must the run directory.
+
+`--dry-run` prints the script between `# file: PATH` and `# end of file`, then the command.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent / "slurm.sbatch.tmpl"
+
+
+def render(template: str, values: dict) -> str:
+    """`{{key}}` -> value; a line holding only `{{key}}` takes a block of lines (indented like
+    the placeholder), none when the value is empty. Unknown keys fail loudly."""
+    out = []
+    for line in template.splitlines():
+        m = re.fullmatch(r"(\s*)\{\{(\w+)\}\}\s*", line)
+        if m:
+            out += [m.group(1) + b for b in values[m.group(2)].splitlines()]
+            continue
+        out.append(re.sub(r"\{\{(\w+)\}\}", lambda k: str(values[k.group(1)]), line))
+    return "\n".join(out) + "\n"
+
+
+def script(args) -> str:
+    per_gpu = args.per == "gpu"
+    extra = [f"#SBATCH --partition={args.partition}"] if args.partition else []
+    extra += [f"#SBATCH --account={args.account}"] if args.account else []
+    extra += [f"#SBATCH {s}" for s in args.sbatch]
+    setup = [f'cd "{args.workdir}"'] + list(args.setup)
+    train = shlex.join([args.ualm, "train", "--config", args.config, "--run-dir", args.run_dir,
+                        *args.overrides])
+    values = {
+        "job_name": args.job_name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+        "tasks_per_node": args.gpus_per_node if per_gpu else 1,
+        "cpus_per_task": args.cpus_per_gpu * (1 if per_gpu else args.gpus_per_node),
+        "time": args.time, "log_dir": args.log_dir, "port": args.port,
+        "extra_sbatch": "\n".join(extra), "setup": "\n".join(setup),
+        "local_devices": "export JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID" if per_gpu else "",
+        "train_cmd": train,
+    }
+    return render(TEMPLATE.read_text(), values)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--per", choices=["gpu", "node"], default="gpu", help="one task per GPU or node")
+    p.add_argument("--cpus-per-gpu", type=int, default=8)
+    p.add_argument("--job-name", default="ualm-train")
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run before training, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--workdir", default="$SLURM_SUBMIT_DIR", help="the repo on a shared file system")
+    p.add_argument("--log-dir", default="logs", help="where SLURM writes the job's output")
+    p.add_argument("--port", type=int, default=8476, help="jax coordinator port on the first node")
+    p.add_argument("--ualm", default=".venv/bin/ualm", help="the ualm executable (from --workdir)")
+    p.add_argument("--out", default=None, help="script path (default: JOB_NAME.sbatch)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--dry-run", action="store_true", help="print script and command, run nothing")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        p.error("--nodes and --gpus-per-node must be >= 1")
+    out = args.out or f"{args.job_name}.sbatch"
+    text = script(args)
+    cmd = ["sbatch", out]
+    if args.dry_run:
+        print(f"# file: {out}\n{text}# end of file\n{shlex.join(cmd)}")
+        return 0
+    Path(out).write_text(text)
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)  # SLURM does not create it
+    return subprocess.run(cmd).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

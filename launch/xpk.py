@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""`ualm train` on GKE TPU slices: render launch/xpk_jobset.yaml.tmpl and `kubectl apply` it,
+or hand the same command to `xpk workload create` (which builds its own JobSet).
+
+    python launch/xpk.py --name ualm-gen --image REGISTRY/ualm-jax:TAG \
+        [--accelerator-type v5p-128] [--num-slices 2] [--submit kubectl|xpk --cluster C] \
+        --config configs/ualm_gen_1.5b.yaml --run-dir gs://BUCKET/runs/gen [key=value ...] \
+        [--out FILE] [--dry-run]
+
+The image must hold this repo installed (`pip install -r requirements.lock jax[tpu]` +
+`pip install --no-deps -e .`). kubectl path: the manifest sets JAX_COORDINATOR_ADDRESS (pod 0 of
+slice 0 through the JobSet headless service), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
+`ualm train` passes to jax.distributed.initialize. xpk path: UALM_DISTRIBUTED=1, so jax reads
+GKE's TPU_WORKER_ID / TPU_WORKER_HOSTNAMES / MEGASCALE_* itself. Several slices add
+`mesh.dcn.data=N` unless the overrides set a `mesh.dcn.*` size.
+
+`--dry-run` prints the manifest between `# file: PATH` and `# end of file`, then the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent / "xpk_jobset.yaml.tmpl"
+# accelerator-type family -> (GKE accelerator label, TensorCores per chip, topology dims)
+FAMILIES = {"v4": ("tpu-v4-podslice", 2, 3), "v5p": ("tpu-v5p-slice", 2, 3),
+            "v5litepod": ("tpu-v5-lite-podslice", 1, 2), "v6e": ("tpu-v6e-slice", 1, 2)}
+TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+               256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
+TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+               256: "16x16"}
+MEGASCALE_PORT = 8080
+
+
+def slice_shape(accelerator: str, topology: str | None) -> dict:
+    """v5p-128 -> GKE label, topology 4x4x4, 64 chips, 16 hosts of 4 chips."""
+    family, _, size = accelerator.rpartition("-")
+    if family not in FAMILIES or not size.isdigit():
+        raise SystemExit(f"unknown accelerator type {accelerator}; known families: "
+                         f"{', '.join(FAMILIES)} (e.g. v5p-128, v5litepod-16, v6e-32)")
+    label, cores_per_chip, dims = FAMILIES[family]
+    chips = int(size) // cores_per_chip
+    topology = topology or (TOPOLOGY_3D if dims == 3 else TOPOLOGY_2D).get(chips)
+    if topology is None:
+        raise SystemExit(f"no default topology for {accelerator} ({chips} chips); pass --topology")
+    # Multi-host slices have 4 chips per VM; 2D single-host machines hold up to 8.
+    per_host = chips if (dims == 2 and chips <= 8) else min(4, chips)
+    return {"gke_accelerator": label, "topology": topology, "chips": chips,
+            "chips_per_host": per_host, "hosts_per_slice": chips // per_host}
+
+
+def render(template: str, values: dict) -> str:
+    """`{{key}}` -> value; a line holding only `{{key}}` takes a block of lines (indented like
+    the placeholder), none when the value is empty. Unknown keys fail loudly."""
+    out = []
+    for line in template.splitlines():
+        m = re.fullmatch(r"(\s*)\{\{(\w+)\}\}\s*", line)
+        if m:
+            block = values[m.group(2)]
+            out += [m.group(1) + b for b in block.splitlines()]
+            continue
+        out.append(re.sub(r"\{\{(\w+)\}\}", lambda k: str(values[k.group(1)]), line))
+    return "\n".join(out) + "\n"
+
+
+def train_overrides(args) -> list[str]:
+    over = list(args.overrides)
+    if args.num_slices > 1 and not any(o.startswith("mesh.dcn.") for o in over):
+        over.append(f"mesh.dcn.data={args.num_slices}")
+    return over
+
+
+def train_cmd(args) -> str:
+    return shlex.join([args.ualm, "train", "--config", args.config, "--run-dir", args.run_dir,
+                       *train_overrides(args)])
+
+
+def megascale_env(num_slices: int) -> str:
+    if num_slices == 1:
+        return ""
+    env = {"MEGASCALE_COORDINATOR_ADDRESS": "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)",
+           "MEGASCALE_NUM_SLICES": str(num_slices), "MEGASCALE_SLICE_ID": "$(SLICE_ID)",
+           "MEGASCALE_PORT": str(MEGASCALE_PORT)}
+    return "\n".join(f"- name: {k}\n  value: {json.dumps(v)}" for k, v in env.items())
+
+
+def manifest(args) -> str:
+    shape = slice_shape(args.accelerator_type, args.topology)
+    hosts = shape["hosts_per_slice"]
+    # `$$` reaches the shell as `$` (Kubernetes expands `$(...)` in args).
+    script = (f"export JAX_PROCESS_ID=$$((SLICE_ID * {hosts} + JOB_COMPLETION_INDEX)) && "
+              f"exec {train_cmd(args)}")
+    values = {**shape, "name": args.name, "image": args.image, "num_slices": args.num_slices,
+              "num_processes": args.num_slices * hosts, "max_restarts": args.max_restarts,
+              "coordinator_port": args.coordinator_port, "megascale_env": megascale_env(args.num_slices),
+              "script": json.dumps(script)}  # a JSON string is a valid YAML scalar
+    return render(TEMPLATE.read_text(), values)
+
+
+def xpk_cmd(args) -> list[str]:
+    cmd = ["xpk", "workload", "create", f"--cluster={args.cluster}", f"--workload={args.name}",
+           f"--tpu-type={args.accelerator_type}", f"--num-slices={args.num_slices}",
+           f"--docker-image={args.image}", f"--max-restarts={args.max_restarts}",
+           f"--command=UALM_DISTRIBUTED=1 {train_cmd(args)}"]
+    cmd += [f"--project={args.project}"] if args.project else []
+    cmd += [f"--zone={args.zone}"] if args.zone else []
+    return cmd
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", required=True, help="JobSet / workload name (DNS label)")
+    p.add_argument("--image", required=True, help="container image with the repo installed")
+    p.add_argument("--accelerator-type", default="v5p-128", help="e.g. v5p-128, v5litepod-16")
+    p.add_argument("--topology", default=None, help="override the slice topology, e.g. 4x4x4")
+    p.add_argument("--num-slices", type=int, default=1)
+    p.add_argument("--max-restarts", type=int, default=3)
+    p.add_argument("--coordinator-port", type=int, default=8476)
+    p.add_argument("--ualm", default="ualm", help="the ualm executable inside the image")
+    p.add_argument("--submit", choices=["kubectl", "xpk"], default="kubectl")
+    p.add_argument("--cluster", default=None, help="GKE cluster (xpk)")
+    p.add_argument("--project", default=None, help="(xpk)")
+    p.add_argument("--zone", default=None, help="(xpk)")
+    p.add_argument("--out", default=None, help="manifest path (default: NAME.jobset.yaml)")
+    p.add_argument("--config", required=True, help="config path inside the image")
+    p.add_argument("--run-dir", required=True, help="shared run directory, e.g. gs://bucket/run")
+    p.add_argument("--dry-run", action="store_true", help="print manifest and command, run nothing")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    if args.num_slices < 1:
+        p.error("--num-slices must be >= 1")
+    if args.submit == "xpk":
+        if not args.cluster:
+            p.error("--submit xpk needs --cluster")
+        cmd = xpk_cmd(args)
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return 0
+        return subprocess.run(cmd).returncode
+    out = args.out or f"{args.name}.jobset.yaml"
+    text = manifest(args)
+    cmd = ["kubectl", "apply", "-f", out]
+    if args.dry_run:
+        print(f"# file: {out}\n{text}# end of file\n{shlex.join(cmd)}")
+        return 0
+    Path(out).write_text(text)
+    print(f"wrote {out}", flush=True)
+    return subprocess.run(cmd).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
