@@ -58,12 +58,17 @@ class PreferenceBatches:
 
     def __next__(self) -> dict:
         rows_c, rows_r, refs = [], [], []
+        misses = 0
         while len(rows_c) < self.pairs:
+            if misses >= len(self.source):  # never loop forever on data that cannot fit
+                raise ValueError(f"no preference pair fits seq_len={self.seq_len}; raise "
+                                 "train.seq_len")
             chosen, rejected, ref = from_preference_record(self.source[self._pair_index(self.next)])
             self.next += 1
             c, r = self._row(chosen[1]), self._row(rejected[1])
             if c is None or r is None:
                 self.too_long += 1
+                misses += 1
                 continue
             if self.offline and (ref is None or not all(map(math.isfinite, ref))):
                 raise ValueError("dpo.reference=offline but a pair has no stored ref_logp; "

@@ -38,7 +38,7 @@ def pairs(tmp_path_factory):
     vocab_size = TextTokenizer(tok).vocab_size
     base = ["model.preset=tiny", f"model.text_vocab_size={vocab_size}", "train.objective=dpo",
             "data.source=preference", f"data.preference_path={root / 'built'}", "train.steps=3",
-            "train.batch_size=4", "train.seq_len=64", "train.log_every=1", "train.tensorboard=false",
+            "train.batch_size=4", "train.seq_len=256", "train.log_every=1", "train.tensorboard=false",
             "train.checkpoint_every=0", "mesh.ici.fsdp=8", "optim.warmup_steps=0"]
     init = root / "init"
     init.mkdir()
