@@ -18,26 +18,15 @@ this repo on a file system every node sees, as must the run directory.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+from templating import render  # noqa: E402
+
 TEMPLATE = Path(__file__).resolve().parent / "slurm.sbatch.tmpl"
-
-
-def render(template: str, values: dict) -> str:
-    """`{{key}}` -> value; a line holding only `{{key}}` takes a block of lines (indented like
-    the placeholder), none when the value is empty. Unknown keys fail loudly."""
-    out = []
-    for line in template.splitlines():
-        m = re.fullmatch(r"(\s*)\{\{(\w+)\}\}\s*", line)
-        if m:
-            out += [m.group(1) + b for b in values[m.group(2)].splitlines()]
-            continue
-        out.append(re.sub(r"\{\{(\w+)\}\}", lambda k: str(values[k.group(1)]), line))
-    return "\n".join(out) + "\n"
 
 
 def script(args) -> str:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+from templating import render  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "xpk_jobset.yaml.tmpl"
 # accelerator-type family -> (GKE accelerator label, TensorCores per chip, topology dims)
@@ -52,20 +54,6 @@ def slice_shape(accelerator: str, topology: str | None) -> dict:
     per_host = chips if (dims == 2 and chips <= 8) else min(4, chips)
     return {"gke_accelerator": label, "topology": topology, "chips": chips,
             "chips_per_host": per_host, "hosts_per_slice": chips // per_host}
-
-
-def render(template: str, values: dict) -> str:
-    """`{{key}}` -> value; a line holding only `{{key}}` takes a block of lines (indented like
-    the placeholder), none when the value is empty. Unknown keys fail loudly."""
-    out = []
-    for line in template.splitlines():
-        m = re.fullmatch(r"(\s*)\{\{(\w+)\}\}\s*", line)
-        if m:
-            block = values[m.group(2)]
-            out += [m.group(1) + b for b in block.splitlines()]
-            continue
-        out.append(re.sub(r"\{\{(\w+)\}\}", lambda k: str(values[k.group(1)]), line))
-    return "\n".join(out) + "\n"
 
 
 def train_overrides(args) -> list[str]:

@@ -45,13 +45,14 @@ def _layer_map(cfg) -> dict[str, tuple[tuple, Callable, Callable]]:
     return m
 
 
-def _set(tree: dict, path: tuple, value) -> None:
+def set_path(tree: dict, path: tuple, value) -> None:
+    """Sets tree[p0][p1]... = value, creating sections (shared by the HF mappings)."""
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple):
+def get_path(tree: dict, path: tuple):
     for k in path:
         tree = tree[k]
     return tree
@@ -80,14 +81,14 @@ def decoder_from_hf(get: Callable[[str], np.ndarray], cfg) -> dict:
             per_layer.append(from_hf(w))
         value = np.stack(per_layer) if cfg.scan_layers else per_layer
         if cfg.scan_layers:
-            _set(out, ("layers",) + path, value)
+            set_path(out, ("layers",) + path, value)
         else:
             for i, x in enumerate(value):
-                _set(out, (f"layers_{i}",) + path, x)
+                set_path(out, (f"layers_{i}",) + path, x)
     norm = np.asarray(get("model.norm.weight"))
     if norm.shape != (cfg.d_model,):
         raise ValueError(f"tensor model.norm.weight has shape {norm.shape}, expected ({cfg.d_model},)")
-    _set(out, ("norm", "scale"), norm)
+    set_path(out, ("norm", "scale"), norm)
     return out
 
 
@@ -108,8 +109,8 @@ def decoder_to_hf(decoder: dict, cfg) -> dict[str, np.ndarray]:
     out = {}
     for path, (suffix, from_hf, to_hf) in _layer_map(cfg).items():
         for i in range(cfg.n_layers):
-            x = (np.asarray(_get(decoder, ("layers",) + path))[i] if cfg.scan_layers
-                 else np.asarray(_get(decoder, (f"layers_{i}",) + path)))
+            x = (np.asarray(get_path(decoder, ("layers",) + path))[i] if cfg.scan_layers
+                 else np.asarray(get_path(decoder, (f"layers_{i}",) + path)))
             # Contiguous: safetensors writes the raw buffer of a transposed view otherwise.
             out[HF_LAYER.format(i=i) + suffix] = np.ascontiguousarray(to_hf(x))
     out["model.norm.weight"] = np.asarray(decoder["norm"]["scale"])

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ualm_jax.config import AudioEncoderConfig
+from ualm_jax.convert.hf_qwen2 import get_path, set_path
 
 DEFAULT_PREFIX = "model.encoder."
 _POS = "embed_positions.weight"
@@ -67,18 +68,6 @@ def _specs(cfg: AudioEncoderConfig):
     return top, layer
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def find_prefix(state_dict: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> str:
     """`prefix` if `prefix + "conv1.weight"` exists, else the one prefix that has a `conv1.weight`
     (`encoder.`, ``, `audio_tower.`, ...)."""
@@ -118,10 +107,10 @@ def whisper_encoder_params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: Au
     top, layer = _specs(cfg)
     out: dict = {}
     for suffix, path, shape, from_hf, _ in top:
-        _set(out, path, from_hf(get(suffix, shape)))
+        set_path(out, path, from_hf(get(suffix, shape)))
     for suffix, path, shape, from_hf, _ in layer:
         ws = [from_hf(get(f"layers.{i}.{suffix}", shape)) for i in range(cfg.n_layers)]
-        _set(out, ("layers",) + path, np.stack(ws, axis=0))
+        set_path(out, ("layers",) + path, np.stack(ws, axis=0))
 
     n_pos, d = cfg.max_mel_frames // 2, cfg.d_model
     name = prefix + _POS
@@ -149,9 +138,9 @@ def whisper_encoder_params_to_hf(params: Mapping, cfg: AudioEncoderConfig,
     top, layer = _specs(cfg)
     out: dict[str, np.ndarray] = {}
     for suffix, path, _, _, to_hf in top:
-        out[prefix + suffix] = np.ascontiguousarray(to_hf(np.asarray(_get(params, path))))
+        out[prefix + suffix] = np.ascontiguousarray(to_hf(np.asarray(get_path(params, path))))
     for suffix, path, _, _, to_hf in layer:
-        stacked = np.asarray(_get(params, ("layers",) + path))
+        stacked = np.asarray(get_path(params, ("layers",) + path))
         for i in range(cfg.n_layers):
             out[f"{prefix}layers.{i}.{suffix}"] = np.ascontiguousarray(to_hf(stacked[i]))
     out[prefix + _POS] = np.ascontiguousarray(np.asarray(params["embed_positions"]))
