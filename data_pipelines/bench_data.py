@@ -124,6 +124,26 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
             "setup_s": setup_s, **{f"counts_{k}": v for k, v in it.stats().items()}}
 
 
+def bench_data_from_config(cfg, seconds: float = 5.0, split: str = "train") -> dict:
+    """bench_data over a config's `data.mixture` (its built shards), model vocab, audio window,
+    batch and sequence length: the pipeline exactly as `ualm train` would run it on one host."""
+    from data_pipelines.mixture import parse_mixture
+
+    entries = parse_mixture(cfg.data.mixture)
+    enc = cfg.model.audio_encoder
+    audio = dict(n_mels=enc.n_mels, mel_frames=enc.max_mel_frames,
+                 frames_per_window=enc.frames_per_window) if enc.enabled else \
+        dict(n_mels=0, mel_frames=0, frames_per_window=0)
+    return bench_data(paths={e.name: e.path for e in entries},
+                      mixture=[{"name": e.name, "share": e.share, "upsample": e.upsample}
+                               for e in entries],
+                      vocab=JointVocab.from_model_config(cfg.model),
+                      batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+                      max_clips_per_row=cfg.data.max_clips_per_row,
+                      cfg_dropout=cfg.data.cfg_dropout, read_threads=cfg.data.read_threads,
+                      seconds=seconds, seed=cfg.seed, split=split, **audio)
+
+
 if __name__ == "__main__":
     import json
 

@@ -12,12 +12,23 @@ from ualm_jax.config import ConfigError
 def _bench(args) -> int:
     from ualm_jax.bench import bench_step, print_json
 
+    if args.what == "data":
+        from data_pipelines.bench_data import bench_data, bench_data_from_config
+
+        if args.config:
+            from ualm_jax.config import load_config
+
+            cfg = load_config(args.config, args.set or [])
+            print_json(bench_data_from_config(cfg, args.seconds))
+        else:  # in-memory records at the paper's shapes (no build needed)
+            print_json(bench_data(batch_size=args.batch or 8, seq_len=args.seq or 4096,
+                                  seconds=args.seconds))
     if args.what == "export":
         from ualm_jax.bench import bench_export
 
         print_json(bench_export(args.model, args.workdir, args.format))
     if args.what == "step":
-        print_json(bench_step(args.model, args.batch, args.seq, args.mesh, args.steps,
+        print_json(bench_step(args.model, args.batch or 8, args.seq or 128, args.mesh, args.steps,
                               warmup=args.warmup, text_only=args.text_only,
                               microbatches=args.microbatches, overrides=args.set or [],
                               peak_tflops=args.peak_tflops))
@@ -125,6 +136,42 @@ def _generate(args) -> int:
     return 0
 
 
+def _mixture(args) -> int:
+    from ualm_jax.config import load_config
+
+    if args.mixture_command == "inspect":
+        from data_pipelines.inspect_mixture import format_inspect, inspect_mixture, to_json
+
+        result = inspect_mixture(load_config(args.config, args.overrides), args.batches)
+        print(to_json(result) if args.json else format_inspect(result))
+    else:
+        from ualm_jax.eval.mixture_eval import evaluate_mixture, format_table, to_json
+
+        result = evaluate_mixture(args.config, args.checkpoint, args.batches, args.overrides)
+        print(to_json(result) if args.json else format_table(result))
+    return 0
+
+
+def _add_mixture_parser(sub) -> None:
+    m = sub.add_parser("mixture", help="inspect a config's data mixture; evaluate a checkpoint on it")
+    msub = m.add_subparsers(dest="mixture_command", required=True)
+    i = msub.add_parser("inspect", help="per task: data available, target vs realised token "
+                        "share, epochs at the run length, packing efficiency; one packed row")
+    i.add_argument("--config", required=True, help="YAML config with data.source=mixture")
+    i.add_argument("--batches", type=int, default=20, help="packed batches to measure")
+    i.add_argument("--json", action="store_true", help="one JSON object with a `tasks` list")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    i.set_defaults(func=_mixture)
+    e = msub.add_parser("eval", help="per-task held-out loss and token accuracy of a checkpoint")
+    e.add_argument("--config", required=True, help="YAML config with data.source=mixture")
+    e.add_argument("--checkpoint", required=True, help="run directory or one step directory")
+    e.add_argument("--batches", type=int, default=None,
+                   help="held-out batches (default: train.eval_batches, else 8)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    e.set_defaults(func=_mixture)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ualm", description="Train, evaluate and export UALM models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,15 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.cli_data import add_data_parser
 
     add_data_parser(sub)
+    _add_mixture_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
-    b.add_argument("what", choices=["step", "export"],
-                   help="step: the real train step; export: peak memory of exporting a checkpoint")
+    b.add_argument("what", choices=["step", "export", "data"],
+                   help="step: the real train step; export: peak memory of exporting a checkpoint; "
+                        "data: packed tokens/s of the data pipeline")
+    b.add_argument("--config", default=None,
+                   help="data: a config whose data.mixture shards to read (default: in-memory "
+                        "records at the paper's shapes, --batch x --seq)")
+    b.add_argument("--seconds", type=float, default=5.0, help="data: seconds to measure")
     b.add_argument("--workdir", default="runs/bench-export", help="export: where checkpoints go")
     b.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"], help="export format")
     b.add_argument("--model", default="tiny", help="model preset: tiny, 0.5b, 1.5b, 7b")
-    b.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
-    b.add_argument("--seq", type=int, default=128, help="sequence length")
+    b.add_argument("--batch", type=int, default=None, help="global batch (sequences; default 8)")
+    b.add_argument("--seq", type=int, default=None,
+                   help="sequence length (default: step 128, data 4096)")
     b.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: fsdp over all)")
     b.add_argument("--steps", type=int, default=5, help="timed steps")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")

@@ -33,12 +33,13 @@ class LossSums(NamedTuple):
     per_task_count: jax.Array  # [T] normaliser by task
     correct: jax.Array  # stream-0 targets predicted right by argmax, among the counted ones
     per_row: jax.Array  # [B] weighted CE per sequence (= -log-prob; used by DPO)
+    per_task_correct: jax.Array  # [T] stream-0 argmax hits by task
 
     @staticmethod
     def zeros(k: int, num_tasks: int, rows: int) -> "LossSums":
         z = jnp.zeros((), jnp.float32)
         return LossSums(z, z, jnp.zeros((k,)), jnp.zeros((k,)), jnp.zeros((num_tasks,)),
-                        jnp.zeros((num_tasks,)), z, jnp.zeros((rows,)))
+                        jnp.zeros((num_tasks,)), z, jnp.zeros((rows,)), jnp.zeros((num_tasks,)))
 
 
 def shift_targets(tokens, loss_weights, segment_ids):
@@ -107,10 +108,12 @@ def _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks: int, vo
         onehot = jax.nn.one_hot(tasks, num_tasks, dtype=jnp.float32)  # id -1 -> all zeros
         per_task = jnp.einsum("bc,bct->t", wce.sum(-1), onehot)
         per_task_count = jnp.einsum("bc,bct->t", counted, onehot)
+        per_task_correct = jnp.einsum("bc,bct->t", correct, onehot)
     else:
-        per_task = per_task_count = jnp.zeros((num_tasks,), jnp.float32)
+        per_task = per_task_count = per_task_correct = jnp.zeros((num_tasks,), jnp.float32)
     return LossSums(per_stream.sum(), counted.sum(), per_stream, weights.sum(axis=(0, 1)),
-                    per_task, per_task_count, correct.sum(), wce.sum(axis=(1, 2)))
+                    per_task, per_task_count, correct.sum(), wce.sum(axis=(1, 2)),
+                    per_task_correct)
 
 
 def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "reference",

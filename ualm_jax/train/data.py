@@ -2,6 +2,7 @@
 global batch, and a background thread that keeps batches ready on the devices."""
 from __future__ import annotations
 
+import json
 import queue
 import threading
 
@@ -13,10 +14,16 @@ from ualm_jax.train.synthetic import TASKS, stream_for_model
 
 
 def make_train_iterator(cfg):
-    """A checkpointable iterator of host-global numpy batches (`get_state`/`set_state`)."""
+    """A checkpointable iterator (`get_state`/`set_state`) of numpy batches: host-global ones
+    (synthetic, preference: each process slices its rows) or this process's rows already
+    (mixture: `per_host`, each process packs its own share of the sources)."""
     t = cfg.train
     if cfg.data.source == "preference":
         return _preference_iterator(cfg, "train")
+    if cfg.data.source == "mixture":
+        from data_pipelines.grain_pipeline import make_config_iterator
+
+        return make_config_iterator(cfg, "train")
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.seed, tasks=TASKS,
                             weights=weights)
@@ -37,15 +44,25 @@ def _preference_iterator(cfg, split):
 
 
 def make_eval_iterator(cfg):
+    """Held-out batches: the mixture's validation splits, or the synthetic stream on another seed."""
     t = cfg.train
     if cfg.data.source == "preference":
         return _preference_iterator(cfg, "train")  # used for shapes only: DPO has no eval yet
+    if cfg.data.source == "mixture":
+        from data_pipelines.grain_pipeline import make_config_iterator
+
+        return make_config_iterator(cfg, "validation")
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.data.eval_seed,
                             tasks=TASKS, weights=weights)
 
 
 def task_names(cfg) -> tuple[str, ...]:
+    """Names of the task ids in batches' `task_ids` (per-task loss is reported under them)."""
+    if cfg.data.source == "mixture":
+        from data_pipelines.mixture import parse_mixture
+
+        return tuple(e.name for e in parse_mixture(cfg.data.mixture))
     return () if cfg.data.source == "preference" else TASKS
 
 
@@ -56,10 +73,10 @@ def task_mix(batch: dict, names) -> dict:
     return {n: int((ids == i).sum()) for i, n in enumerate(names) if (ids == i).any()}
 
 
-def process_rows(batch: dict) -> dict:
-    """This process's contiguous share of the global batch rows."""
+def process_rows(batch: dict, per_host: bool = False) -> dict:
+    """This process's contiguous share of the global batch rows (`per_host` batches already are)."""
     n, i = jax.process_count(), jax.process_index()
-    if n == 1:
+    if n == 1 or per_host:
         return batch
     rows = next(iter(batch.values())).shape[0] // n
     return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
@@ -94,7 +111,7 @@ class Prefetcher:
                 batch = next(self.iterator)
                 state = self.iterator.get_state()
                 mix = task_mix(batch, self.names)
-                local = process_rows(batch)
+                local = process_rows(batch, getattr(self.iterator, "per_host", False))
                 item = (to_global_arrays(local, self.mesh, self.rules), state, mix)
                 while not self._stop.is_set():
                     try:
@@ -115,6 +132,34 @@ class Prefetcher:
     def close(self):
         self._stop.set()
         self.thread.join(timeout=5)
+
+
+# The iterator position in checkpoints: one state per process (each packs its own rows).
+def gather_data_state(state: dict) -> dict:
+    """Every process's iterator state, for the checkpoint (a collective: call on all processes)."""
+    n = jax.process_count()
+    if n == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    padded = np.zeros(longest, np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(n, longest)
+    return {"process_count": n, "processes": [json.loads(bytes(r).rstrip(b"\0")) for r in rows]}
+
+
+def local_data_state(saved: dict) -> dict:
+    """This process's iterator state from a checkpoint's (see gather_data_state)."""
+    if "processes" not in saved:  # saved by one process (a mixture's fingerprint checks counts)
+        return saved
+    n = int(saved["process_count"])
+    if n != jax.process_count():
+        raise ValueError(f"the checkpoint's data-iterator states were saved by {n} processes but "
+                         f"this run has {jax.process_count()}: resuming would not continue the "
+                         "same streams (restart the data with a fresh run dir or the same count)")
+    return saved["processes"][jax.process_index()]
 
 
 def batch_shardings_for(cfg, mesh, example: dict) -> dict:

@@ -61,6 +61,9 @@ def _scalars(metrics: dict, names) -> dict:
             out.update({f"loss/stream_{k}": float(x) for k, x in enumerate(v)})
         elif key == "task_loss":
             out.update({f"loss/{n}": float(x) for n, x, c in zip(names, v, m["task_targets"]) if c > 0})
+        elif key == "task_accuracy":
+            out.update({f"accuracy/{n}": float(x) for n, x, c in zip(names, v, m["task_targets"])
+                        if c > 0})
         elif key != "task_targets":
             out[key] = int(v) if v.dtype.kind in "iu" else float(v)
     return out
@@ -102,7 +105,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     if ckpt.latest_step() is not None:
         state, data_state, start = ckpt.restore(abstract)
         if data_state is not None:
-            train_iter.set_state(data_state)
+            train_iter.set_state(data_lib.local_data_state(data_state))
         print(f"resumed from step {start} ({ckpt.directory})", flush=True)
     elif t.init_from:
         params = load_params(t.init_from, info["params"], shardings["params"])
@@ -113,7 +116,8 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
 
     # Compiled steps.
     example = next(data_lib.make_eval_iterator(cfg))
-    b_shard = data_lib.batch_shardings_for(cfg, mesh, data_lib.process_rows(example))
+    b_shard = data_lib.batch_shardings_for(cfg, mesh, data_lib.process_rows(
+        example, getattr(train_iter, "per_host", False)))
     if t.objective == "dpo":
         step_fn = _dpo_step_fn(cfg, model, tx, schedule, shardings, b_shard, mesh, info)
     else:
@@ -173,7 +177,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                     preempted = True
                     break
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
-                    ckpt.save(step, state, data_state)
+                    ckpt.save(step, state, data_lib.gather_data_state(data_state))
             if pending is not None:
                 flush(pending)
             if step == t.steps and t.eval_batches and t.objective == "lm" and not (t.eval_every and step % t.eval_every == 0):
@@ -181,7 +185,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                 writer.write(last_eval)
             stopped_early = step < t.steps
             if ckpt.latest_step() != step:
-                ckpt.save(step, state, data_state, force=True)
+                ckpt.save(step, state, data_lib.gather_data_state(data_state), force=True)
     finally:
         prefetch.close()
         ckpt.close()
@@ -210,21 +214,36 @@ def _dpo_step_fn(cfg, model, tx, schedule, shardings, b_shard, mesh, info):
     return lambda st, b: jitted(st, b, ref)
 
 
-def evaluate(eval_fn, params, cfg, mesh, names, step: int) -> dict:
-    """Per-task loss and stream-0 accuracy over cfg.train.eval_batches held-out batches."""
+def eval_sums(eval_fn, params, cfg, mesh, batches: int) -> LossSums:
+    """Loss sums (on the host) over `batches` held-out batches; the same batches every call."""
     it = data_lib.make_eval_iterator(cfg)
+    per_host = getattr(it, "per_host", False)
     total = None
-    for _ in range(cfg.train.eval_batches):
-        batch = data_lib.to_global_arrays(data_lib.process_rows(next(it)), mesh, cfg.mesh.rules)
+    for _ in range(batches):
+        batch = data_lib.to_global_arrays(data_lib.process_rows(next(it), per_host), mesh,
+                                          cfg.mesh.rules)
         sums = eval_fn(params, batch)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    total = jax.device_get(total)
-    m = sums_metrics(LossSums(*total))
+    return LossSums(*jax.device_get(total))
+
+
+def eval_record(total: LossSums, names, step: int) -> dict:
+    """Held-out loss and stream-0 token accuracy, overall and per task."""
+    m = sums_metrics(total)
     rec = {"step": step, "eval/loss": float(total.total / max(total.count, 1.0)),
            "eval/accuracy": float(m["accuracy"])}
-    for name, v, n in zip(names, m["task_loss"], m["task_targets"]):
+    for name, loss, acc, n in zip(names, m["task_loss"], m["task_accuracy"], m["task_targets"]):
         if n > 0:
-            rec[f"eval/loss/{name}"] = float(v)
-    print("eval step {}: {}".format(step, " ".join(f"{k[5:]}={v:.4f}" for k, v in rec.items()
-                                                   if k != "step")), flush=True)
+            rec[f"eval/loss/{name}"] = float(loss)
+            rec[f"eval/accuracy/{name}"] = float(acc)
+            rec[f"eval/targets/{name}"] = int(n)
+    return rec
+
+
+def evaluate(eval_fn, params, cfg, mesh, names, step: int) -> dict:
+    """Per-task loss and stream-0 accuracy over cfg.train.eval_batches held-out batches."""
+    rec = eval_record(eval_sums(eval_fn, params, cfg, mesh, cfg.train.eval_batches), names, step)
+    print("eval step {}: {}".format(step, " ".join(
+        f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith(("eval/loss", "eval/acc")))),
+        flush=True)
     return rec

@@ -100,6 +100,7 @@ def sums_metrics(sums: LossSums) -> dict:
         "task_targets": sums.per_task_count,
         "target_tokens": sums.count,
         "accuracy": sums.correct / jnp.maximum(sums.count, 1.0),
+        "task_accuracy": sums.per_task_correct / jnp.maximum(sums.per_task_count, 1.0),
     }
 
 
