@@ -52,3 +52,38 @@ def test_auto_axis_and_dcn():
     cfg = load_config(None, ["mesh.ici.fsdp=-1", "mesh.ici.tensor=2", "mesh.dcn.data=2"])
     mesh = make_mesh(cfg.mesh)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_base_files_merge_under_the_config(tmp_path):
+    from ualm_jax.config import ConfigError, load_config
+
+    (tmp_path / "mix").mkdir()
+    (tmp_path / "mix" / "blend.yaml").write_text(
+        "data: {source: mixture, mixture: [{name: a, path: x, share: 1.0}], cfg_dropout: 0.1}\n"
+        "train: {steps: 7}\n")
+    (tmp_path / "run.yaml").write_text("base: mix/blend.yaml\ntrain: {batch_size: 4}\n"
+                                       "data: {cfg_dropout: 0.2}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["train.steps=9"])
+    assert cfg.data.source == "mixture" and cfg.data.mixture[0]["name"] == "a"
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.data.cfg_dropout) == (9, 4, 0.2)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="named by `base:`"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["ualm_7b_pretrain", "ualm_7b_align", "ualm_gen_1.5b"])
+def test_shipped_configs_use_the_mixture_presets(name):
+    from data_pipelines.mixture import parse_mixture, target_shares
+    from ualm_jax.config import load_config
+
+    cfg = load_config(f"configs/{name}.yaml")
+    shares = target_shares(parse_mixture(cfg.data.mixture))
+    if name == "ualm_gen_1.5b":
+        assert shares == {"t2a": 1.0}
+    else:  # UALM.md's token blend: understanding 27.7%, t2a 33.1% (after 2x), text 39.2%
+        assert shares["caption"] + shares["audio_qa"] == pytest.approx(0.277)
+        assert shares["t2a"] == pytest.approx(0.331)
+        assert shares["text"] == pytest.approx(0.392)

@@ -414,19 +414,42 @@ def _coerce(tp, value, name: str):
     return value
 
 
+def _merge(base: dict, top: dict) -> dict:
+    """top over base, recursively for mappings (lists and scalars are replaced whole)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A config file with its `base:` files (paths relative to it; a list merges in order)
+    underneath: e.g. `base: mixtures/paper_blend.yaml` brings in a data mixture preset."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist"
+                          + (f" (named by `base:` in {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through `base:`")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    bases = raw.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base={bases!r}: expected a file path or a list of them")
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, _read_yaml(path.parent / b, seen + (path.resolve(),)))
+    return _merge(merged, raw)
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 cls=Config):
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw: dict = {} if path is None else _read_yaml(Path(path))
     raw = apply_overrides(raw, list(overrides or []))
     raw = _expand_presets(raw)
     cfg = from_dict(cls, raw)
