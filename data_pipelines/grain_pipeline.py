@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from data_pipelines import mixture as mix
-from data_pipelines.records import CODES, ENCODER, TEXT, from_record
+from data_pipelines.records import CODES, ENCODER, TEXT, from_record, is_reason_task
 from data_pipelines.template import render
 from ualm_jax.model.vocab import JointVocab
 
@@ -150,7 +150,10 @@ class Renderer:
         frames_of = self.layout.frames_of if self.layout.enabled else None
         _, segments, mels = from_record(rec, frames_of)
         rng = KeyedUniform(self.seed, self.task, index) if self.cfg_dropout > 0 else None
-        ex = render(segments, self.vocab, cfg_dropout_rng=rng, cfg_dropout_prob=self.cfg_dropout)
+        # Reasoning records switch modality inside the assistant turn: the model must learn to
+        # choose the next segment's header, so those headers are supervised (UALM-Reason).
+        ex = render(segments, self.vocab, cfg_dropout_rng=rng, cfg_dropout_prob=self.cfg_dropout,
+                    supervise_continuation_headers=is_reason_task(str(rec.get("task", ""))))
         clips = []
         if not ex.cfg_dropped:  # a dropped example keeps only its target audio: no encoder input
             t = self.layout.mel_frames

@@ -26,6 +26,12 @@ from data_pipelines.template import Segment
 ROLE_IDS = {"system": 0, "user": 1, "assistant": 2}
 MODALITY_IDS = {"text": 0, "audio": 1, "speech": 2}
 TEXT, CODES, ENCODER = 0, 1, 2
+REASON_TASK_PREFIX = "reason_"  # reasoning records: tasks reason_enrichment, reason_dialogue, ...
+
+
+def is_reason_task(task: str) -> bool:
+    """Reasoning records switch modality inside the assistant turn (supervised headers)."""
+    return task.startswith(REASON_TASK_PREFIX)
 _ROLES = {v: k for k, v in ROLE_IDS.items()}
 _MODALITIES = {v: k for k, v in MODALITY_IDS.items()}
 

@@ -72,3 +72,19 @@ def test_reason_records_follow_the_template(world):
     # The continuation headers are supervised so the model learns to switch modality itself.
     header_pos = np.flatnonzero(s0 == V.ASSISTANT)
     assert ex.loss_weights[header_pos[1], 0] > 0 and ex.loss_weights[header_pos[0], 0] == 0
+
+
+def test_mixture_renderer_supervises_reasoning_headers_only(world):
+    """The Grain/SeqIO Renderer trains the modality switch of reason_* records, not of others."""
+    from data_pipelines.grain_pipeline import AudioLayout, Renderer
+
+    root, _ = world
+    src = open_source(str(root / "out"))
+    rec = next(src[i] for i in range(len(src)) if src[i]["task"] == "reason_self_reflection")
+    vocab = JointVocab(text_vocab_size=280, num_codebooks=3, codebook_size=8)
+    renderer = Renderer(vocab, AudioLayout())
+    for task, supervised in (("reason_self_reflection", True), ("t2a", False)):
+        ex = renderer(0, {**rec, "task": task})
+        s0 = ex.tokens[:, 0]
+        header_pos = np.flatnonzero(s0 == V.ASSISTANT)
+        assert (ex.loss_weights[header_pos[1:], 0] > 0).all() == supervised, task
