@@ -29,7 +29,7 @@ endif
 	touch $@
 
 demo: venv
-	$(CPU8) $(VENV)/bin/ualm train --config configs/demo.yaml --run-dir runs/demo
+	$(CPU8) $(VENV)/bin/ualm demo --run-dir runs/demo
 
 # pytest exits 5 when no test was collected (e.g. a -k that matches nothing): not a failure.
 test: venv

@@ -51,6 +51,17 @@ def _train(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from ualm_jax.distributed import maybe_initialize
+
+    maybe_initialize()
+    from ualm_jax.demo import run_demo
+
+    run_demo(args.run_dir, args.config, args.overrides, clips=args.clips,
+             eval_items=args.eval_items, export=not args.no_export)
+    return 0
+
+
 def results_table(summary: dict) -> str:
     """Per-task loss at the first logged step vs held-out loss at the end."""
     first, ev = summary.get("first_loss") or {}, summary.get("eval") or {}
@@ -182,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     t.set_defaults(func=_train)
 
+    d = sub.add_parser("demo", help="the built-in default: procedural audio world -> tiny UALM "
+                       "trained on 8 devices -> evaluation table, plots, PyTorch export")
+    d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("--clips", type=int, default=240, help="clips in the procedural world")
+    d.add_argument("--eval-items", type=int, default=32, help="held-out items per task to generate")
+    d.add_argument("--no-export", action="store_true")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    d.set_defaults(func=_demo)
+
     i = sub.add_parser("import-hf", help="a local HF Qwen2/Qwen2.5 checkpoint -> UALM params")
     i.add_argument("hf_dir")
     i.add_argument("--out", required=True, help="new directory (usable as train.init_from)")
@@ -230,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     _add_mixture_parser(sub)
+    from ualm_jax.eval.cli_eval import add_eval_parser
+    from ualm_jax.infer.make_pairs import add_dpo_parser
+
+    add_eval_parser(sub)
+    add_dpo_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
     b.add_argument("what", choices=["step", "export", "data"],

@@ -11,6 +11,7 @@ ramp is) and turns it into per-stream modes; masks, guidance and sampling run on
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import jax
@@ -23,6 +24,9 @@ from ualm_jax.model.delay import revert_delay
 from ualm_jax.model.params import example_batch
 from ualm_jax.model.ualm import UALM
 from ualm_jax.model.vocab import JointVocab
+
+
+PREFILL_BUCKET = 32
 
 
 @dataclass
@@ -145,6 +149,8 @@ def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
     longest = max(len(p) for p in rows)
     if longest + cfg.max_new > gen.max_len:
         raise ValueError(f"prompt ({longest}) + max_new ({cfg.max_new}) exceeds max_len {gen.max_len}")
+    # Round the prefill length up (more left pad) so prompts of similar lengths share one compile.
+    longest = min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, gen.max_len - cfg.max_new)
     # Left-pad so every row's next position is the same cache slot; pads are invalid (segment 0).
     tokens = np.zeros((b, longest, k), np.int32)
     seg = np.zeros((b, longest), np.int32)
@@ -190,6 +196,7 @@ def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
     return [s.segments for s in states]
 
 
+@functools.lru_cache(maxsize=64)  # one compiled sampler per setting, not one per generate()
 def _sampler(vocab, top_k, guided, scale):
     @jax.jit
     def fn(key, logits, modes, forced, temps):

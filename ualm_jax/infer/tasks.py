@@ -1,13 +1,15 @@
-"""Task-level generation: text -> audio (with guidance) and audio -> caption, from a checkpoint.
+"""Task-level generation from a checkpoint: text -> audio (with guidance), audio -> caption, and
+text answers to questions with or without a clip.
 
 Prompts are built with the same template as training (data_pipelines.template), so the model
 sees at inference exactly the layout it was trained on; the unconditional prompt for guidance is
 the conditional one with every id before the target `<assistant>` replaced by pad 0, as the
-template's CFG dropout does in training.
+template's CFG dropout does in training. Input audio reaches the encoder as the builders store
+it and the trainer's packer windows it (audio_windows).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,19 @@ class Loaded:
     vocab: JointVocab
     tokenizer: object
     codec: object | None
+    generators: dict = field(default_factory=dict, repr=False)
+
+
+LEN_BUCKET = 64
+
+
+def generator_for(m: Loaded, rows: int, max_len: int) -> Generator:
+    """A decoder for `rows` rows and at least `max_len` positions, reused across calls: the cache
+    length is rounded up to LEN_BUCKET so calls of similar lengths share one compile."""
+    key = (int(rows), -(-int(max_len) // LEN_BUCKET) * LEN_BUCKET)
+    if key not in m.generators:
+        m.generators[key] = Generator(m.cfg.model, m.params, *key)
+    return m.generators[key]
 
 
 def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
@@ -80,52 +95,112 @@ def text_to_audio(m: Loaded, captions: list[str], gen_cfg: GenerationConfig) -> 
     guided = gen_cfg.cfg_scale != 1.0
     rows = len(captions) * (2 if guided else 1)
     max_len = max(len(p) for p in cond) + gen_cfg.max_new
-    gen = Generator(m.cfg.model, m.params, rows, max_len)
+    gen = generator_for(m, rows, max_len)
     out = generate(gen, cond, gen_cfg, start_phase="audio", uncond_prompts=uncond if guided else None)
     return [audio_codes(segs[0], m.vocab) for segs in out]
 
 
-def caption_features(m: Loaded, waves: list[np.ndarray]):
-    """Log-mel windows cropped/padded to the encoder's window: [B, 1, T_mel, n_mels]."""
-    from data_pipelines.features import log_mel
+def audio_windows(m: Loaded, wave: np.ndarray) -> list[np.ndarray]:
+    """One 16 kHz clip -> the mel windows training feeds the encoder for it, bit for bit: the
+    builder's stored mel (valid frames of Whisper-padded 30 s windows, rounded to float16), cut
+    into windows of max_mel_frames as the grain Renderer does (windows giving no encoder frame
+    dropped)."""
+    from data_pipelines.features import window_log_mels
 
     enc = m.cfg.model.audio_encoder
-    feats = np.zeros((len(waves), 1, enc.max_mel_frames, enc.n_mels), np.float32)
-    frames = []
-    for i, w in enumerate(waves):
-        mel = log_mel(np.asarray(w, np.float32), enc.n_mels)[: enc.max_mel_frames]
-        feats[i, 0, : len(mel)] = mel
-        frames.append(max(1, ((len(mel) + 1) // 2) // enc.pool))
-    return feats, frames
+    mels, mask = window_log_mels(np.asarray(wave, np.float32), enc.n_mels)
+    mel = mels[mask].astype(np.float16).astype(np.float32)
+    t = enc.max_mel_frames
+    return [mel[s:s + t] for s in range(0, len(mel), t) if _window_frames(m, len(mel[s:s + t]))]
 
 
-def caption(m: Loaded, waves: list[np.ndarray], gen_cfg: GenerationConfig) -> list[str]:
-    from data_pipelines.template import AUDIO_TO_CAPTION_PROMPT, Segment
+def _window_frames(m: Loaded, n_mel: int) -> int:
+    """Encoder positions of one window of n_mel frames (stride-2 conv, then average pool)."""
+    return ((int(n_mel) + 1) // 2) // m.cfg.model.audio_encoder.pool
 
-    if not m.cfg.model.audio_encoder.enabled:
+
+def caption_features(m: Loaded, waves: list[np.ndarray]):
+    """Encoder input of each clip: features [B, F, T_mel, n_mels] (F = most windows of a clip,
+    zero padded) and the total encoder frames per clip."""
+    windows = [audio_windows(m, w) for w in waves]
+    return _pack_windows(m, windows), [sum(_window_frames(m, len(x)) for x in ws) for ws in windows]
+
+
+def _pack_windows(m: Loaded, windows: list[list[np.ndarray]]) -> np.ndarray:
+    enc = m.cfg.model.audio_encoder
+    most = max([1] + [len(ws) for ws in windows])
+    feats = np.zeros((len(windows), most, enc.max_mel_frames, enc.n_mels), np.float32)
+    for i, ws in enumerate(windows):
+        for c, x in enumerate(ws):
+            feats[i, c, :len(x)] = x
+    return feats
+
+
+def reply_prompts(m: Loaded, texts: list[str], waves: list):
+    """Prompts for a text reply to one user turn: its text (stripped; left out when empty), then
+    its audio when given, then `<assistant><text>`, rendered by the training template (the layout
+    of audio-QA, text-SFT and captioning rows). -> (prompts [L_i, K], audio_slots [B, L_max] or
+    None, audio_features [B, F, T_mel, n_mels] or None); slot c * frames_per_window + j is
+    frame j of window c, as the trainer's packer numbers them."""
+    from data_pipelines.template import Segment
+
+    if len(texts) != len(waves):
+        raise ValueError(f"{len(texts)} texts but {len(waves)} waves")
+    enc = m.cfg.model.audio_encoder
+    if any(w is not None for w in waves) and not enc.enabled:
         raise ConfigError("this model has no audio encoder (model.audio_encoder.enabled=false)")
     k = max(m.cfg.model.num_codebooks, 1)
-    feats, frames = caption_features(m, waves)
-    prompts, slots = [], []
-    for n in frames:
-        ex = _render([Segment("user", "text", m.tokenizer.encode(AUDIO_TO_CAPTION_PROMPT)),
-                      Segment("user", "audio", int(n))], m.vocab)
+    prompts, slots, windows = [], [], []
+    for text, wave in zip(texts, waves):
+        segs = [Segment("user", "text", m.tokenizer.encode(text.strip()))] if text.strip() else []
+        ws = [] if wave is None else audio_windows(m, wave)
+        if wave is not None:
+            segs.append(Segment("user", "audio", sum(_window_frames(m, len(x)) for x in ws)))
+        if not segs:
+            raise ValueError("a reply prompt needs text or audio")
+        ex = _render(segs, m.vocab)
         p = np.concatenate([ex.tokens, _header(k, V.ASSISTANT, V.TEXT)])
         s = np.full(len(p), -1, np.int32)
-        start, count = ex.audio_input_frames[0]
-        s[start:start + count] = np.arange(count)
+        for start, _ in ex.audio_input_frames:
+            for c, x in enumerate(ws):
+                nf = _window_frames(m, len(x))
+                s[start:start + nf] = c * enc.frames_per_window + np.arange(nf)
+                start += nf
         prompts.append(p)
         slots.append(s)
-    longest = max(len(p) for p in prompts)
-    slot_arr = np.full((len(prompts), longest), -1, np.int32)
+        windows.append(ws)
+    if not any(windows):
+        return prompts, None, None
+    slot_arr = np.full((len(prompts), max(len(p) for p in prompts)), -1, np.int32)
     for i, s in enumerate(slots):
         slot_arr[i, : len(s)] = s
-    gen = Generator(m.cfg.model, m.params, len(prompts), longest + gen_cfg.max_new)
+    return prompts, slot_arr, _pack_windows(m, windows)
+
+
+def _reply(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig) -> list[str]:
+    """One batched generation of text replies (see reply_prompts)."""
+    prompts, slots, feats = reply_prompts(m, texts, waves)
+    longest = max(len(p) for p in prompts)
+    gen = generator_for(m, len(prompts), longest + gen_cfg.max_new)
     out = generate(gen, prompts, gen_cfg, start_phase="text", audio_features=feats,
-                   audio_slots=slot_arr)
+                   audio_slots=slots)
     texts = []
     for segs in out:
         ids = [i for s in segs if s.modality == "text" for i in s.ids]
         texts.append(m.tokenizer.decode(m.vocab.joint_to_text(np.asarray(ids, np.int64)).tolist()
                                         if ids else []))
     return texts
+
+
+def caption(m: Loaded, waves: list[np.ndarray], gen_cfg: GenerationConfig) -> list[str]:
+    from data_pipelines.template import AUDIO_TO_CAPTION_PROMPT
+
+    if not m.cfg.model.audio_encoder.enabled:
+        raise ConfigError("this model has no audio encoder (model.audio_encoder.enabled=false)")
+    return _reply(m, [AUDIO_TO_CAPTION_PROMPT] * len(waves), list(waves), gen_cfg)
+
+
+def answer(m: Loaded, questions: list[str], waves: list, gen_cfg: GenerationConfig) -> list[str]:
+    """Text answers to user questions, each with one 16 kHz clip or None (text only), laid out as
+    the audio-QA and text-SFT builders lay out their rows: question, then audio."""
+    return _reply(m, list(questions), list(waves), gen_cfg)

@@ -115,7 +115,8 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
         state, start = create_state(model, tx, shardings, jax.random.key(cfg.seed)), 0
 
     # Compiled steps.
-    example = next(data_lib.make_eval_iterator(cfg))
+    # Batch shapes from a fresh iterator (a mixture built without a validation split still trains).
+    example = next(data_lib.make_train_iterator(cfg))
     b_shard = data_lib.batch_shardings_for(cfg, mesh, data_lib.process_rows(
         example, getattr(train_iter, "per_host", False)))
     if t.objective == "dpo":

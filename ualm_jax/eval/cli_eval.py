@@ -1,0 +1,202 @@
+"""`ualm eval`: generate audio for a prompts file and score it; the same numbers as a train hook.
+
+    ualm eval --checkpoint RUN --prompts world/prompts.jsonl --clap CLAP_DIR --fd-model mel-stats
+Prompts: JSON lines {"prompt", "reference"?: audio path relative to the prompts file,
+"events"?: the world's event dicts} (the world's prompts.jsonl has all three). Metrics, each
+naming the model that produced it; one whose model or data is missing is skipped and said so:
+  gen/clap         mean cosine of CLAP(generated audio) and CLAP(prompt)        (--clap DIR)
+  gen/fd           Frechet distance, generated vs the prompts' reference audio  (--fd-model)
+  gen/world_match  share of clips whose analysed events strictly match the prompt (world prompts,
+                   i.e. lines with "events"; caption_match strict, as the demo's t2a "match")
+  gen/world_judge  mean analyser.judge score against the prompt (the make-pairs builtin judge)
+The maths is ualm_jax.eval (evaluate_generation) and data_pipelines.analyser; this module only
+generates, loads references and reports. `generation_metrics` is the train-loop hook.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ualm_jax.eval.metrics import MetricResult
+
+WORLD_JUDGE = "world-analyser(data_pipelines.analyser, DSP)"
+METRICS_FILE = "eval_metrics.json"
+
+
+@dataclass
+class GenerationEval:
+    results: dict[str, MetricResult]  # "gen/<metric>" -> value, n, model
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
+    prompts: int = 0
+    mean_seconds: float = 0.0  # of the generated clips (0 for empty generations)
+
+
+def make_fd_embedder(spec: str | None):
+    """None | 'mel-stats' (weight-free, smoke tests only) | DIR (a local transformers audio model,
+    mean-pooled hidden states: the OpenL3 stand-in)."""
+    if not spec:
+        return None
+    from ualm_jax.eval import embedders as E
+
+    if spec == "mel-stats":
+        return E.MelStatsEmbedder()
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"--fd-model {spec!r}: neither 'mel-stats' nor a model directory")
+    return E.HFAudioEmbedder.from_pretrained(spec)
+
+
+def make_clap(path: str | None):
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--clap {path!r}: no CLAP model directory there")
+    from ualm_jax.eval.embedders import ClapEmbedder
+
+    return ClapEmbedder.from_pretrained(path)
+
+
+def _world_scores(waves, sr: int, captions) -> tuple[list[bool], list[float]]:
+    """Against the prompt text, not the reference's events: a prompt states no timing."""
+    from data_pipelines.analyser import analyse, caption_match, judge
+    from data_pipelines.world import SAMPLE_RATE
+    from ualm_jax.eval.embedders import resample, to_mono
+
+    strict, scores = [], []
+    for w, c in zip(waves, captions):
+        w = resample(to_mono(w), sr, SAMPLE_RATE)
+        strict.append(bool(caption_match(analyse(w, SAMPLE_RATE), c, strict=True)))
+        scores.append(float(judge(w, c, SAMPLE_RATE)))
+    return strict, scores
+
+
+def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=None,
+                    cfg_scale: float = 3.0, max_prompts: int | None = None, seed: int = 0, *,
+                    max_new: int = 256, max_audio_frames: int = 500, batch_size: int = 16,
+                    out_dir=None) -> GenerationEval:
+    """Generate one clip per prompt (m: tasks.Loaded) and compute every metric that can be."""
+    from data_pipelines.features import load_audio
+    from ualm_jax.eval.generation_eval import evaluate_generation
+    from ualm_jax.infer.decode import GenerationConfig
+    from ualm_jax.infer.make_pairs import Synthesizer
+
+    prompts = list(prompts)[:max_prompts] if max_prompts else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    synth = Synthesizer(m, GenerationConfig(max_new=max_new, max_audio_frames=max_audio_frames,
+                                            cfg_scale=cfg_scale), min(batch_size, len(prompts)))
+    sr = synth.sample_rate
+    captions = [p["prompt"].strip() for p in prompts]
+    waves = synth.waves(captions, seed)
+    seconds = float(np.mean([len(w) / sr for w in waves]))
+    # An empty generation still counts (as 0.1 s of silence), so metrics see every prompt.
+    waves = [w if len(w) else np.zeros(sr // 10, np.float32) for w in waves]
+    if out_dir is not None:
+        import soundfile as sf
+
+        os.makedirs(out_dir, exist_ok=True)
+        for i, w in enumerate(waves):
+            sf.write(os.path.join(out_dir, f"sample_{i:04d}.wav"), w, sr, subtype="FLOAT")
+
+    skipped: dict[str, str] = {}
+    refs = [p["reference"] for p in prompts if p.get("reference")]
+    ref_waves = None
+    if fd_embedder is None:
+        skipped["gen/fd"] = "no --fd-model"
+    elif len(refs) < 2 or len(prompts) < 2:
+        skipped["gen/fd"] = f"needs >= 2 prompts with 'reference' audio ({len(refs)} given)"
+    else:
+        ref_waves = [load_audio(str(Path(base_dir) / r), sr) for r in refs]
+    if clap is None:
+        skipped["gen/clap"] = "no --clap model"
+    raw = evaluate_generation(waves, sr, ref_waves, sr if ref_waves else None, captions,
+                              embedder=fd_embedder if ref_waves else None, clap=clap)
+    results = {f"gen/{k}": v for k, v in raw.items()}
+
+    world = [(w, c) for w, c, p in zip(waves, captions, prompts) if p.get("events") is not None]
+    if world:
+        strict, scores = _world_scores([w for w, _ in world], sr, [c for _, c in world])
+        results["gen/world_match"] = MetricResult(float(np.mean(strict)), len(world), WORLD_JUDGE)
+        results["gen/world_judge"] = MetricResult(float(np.mean(scores)), len(world), WORLD_JUDGE)
+    else:
+        skipped["gen/world_match"] = "no prompt carries 'events' (not the procedural world)"
+    return GenerationEval(results, skipped, len(prompts), seconds)
+
+
+def generation_metrics(m, prompts: list[dict], base_dir, clap=None, fd_embedder=None,
+                       cfg_scale: float = 3.0, max_prompts: int | None = None, seed: int = 0,
+                       **gen_kwargs) -> dict[str, float]:
+    """The train-loop hook: flat {"gen/clap", "gen/fd", "gen/world_match", "gen/world_judge"}
+    floats for the metrics that could be computed (generation_eval's keywords pass through)."""
+    ev = generation_eval(m, prompts, base_dir, clap, fd_embedder, cfg_scale, max_prompts, seed,
+                         **gen_kwargs)
+    return {k: float(r.value) for k, r in ev.results.items()}
+
+
+def format_table(ev: GenerationEval, header: str = "") -> str:
+    lines = [header] if header else []
+    lines.append(f"{'metric':<16} {'value':>10} {'n':>5}  model")
+    for k in sorted(ev.results):
+        r = ev.results[k]
+        lines.append(f"{k:<16} {r.value:>10.4f} {r.n:>5}  {r.model}")
+    for k, why in sorted(ev.skipped.items()):
+        lines.append(f"{k:<16} {'-':>10} {'-':>5}  skipped: {why}")
+    return "\n".join(lines)
+
+
+def eval_command(args) -> int:
+    from ualm_jax.infer.make_pairs import read_prompts
+    from ualm_jax.infer.tasks import load
+
+    prompts = read_prompts(args.prompts)  # before loading anything: a bad file fails fast
+    clap, fd = make_clap(args.clap), make_fd_embedder(args.fd_model)
+    m = load(args.checkpoint, args.tokenizer, args.codec)
+    ev = generation_eval(m, prompts, Path(args.prompts).resolve().parent, clap, fd, args.cfg,
+                         args.max_prompts, args.seed, max_new=args.max_new,
+                         max_audio_frames=args.max_audio_frames, batch_size=args.batch_size,
+                         out_dir=args.out)
+    payload = {"checkpoint": str(args.checkpoint), "prompts_file": str(args.prompts),
+               "prompts": ev.prompts, "cfg_scale": args.cfg, "seed": args.seed,
+               "mean_seconds": ev.mean_seconds,
+               "metrics": {k: r.to_dict() for k, r in sorted(ev.results.items())},
+               "skipped": ev.skipped}
+    if args.out:
+        Path(args.out, METRICS_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.json:
+        json.dump(payload, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(ev, f"ualm eval: {ev.prompts} prompts ({args.prompts}), checkpoint "
+                               f"{args.checkpoint}, cfg {args.cfg}, mean {ev.mean_seconds:.2f} s/clip"))
+    return 0
+
+
+def add_eval_parser(sub):
+    """Adds `eval` to an argparse subparsers object; returns its parser."""
+    e = sub.add_parser(
+        "eval", help="generate audio for prompts and score it (CLAP, FD, world match)",
+        description="Every metric names the model that produced it. Guidance follows UALM: "
+                    "logits = cfg*cond + (1-cfg)*uncond (--cfg 3.0 = s 2 in the c + s*(c-u) "
+                    "convention; 1 = off).")
+    e.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
+    e.add_argument("--prompts", required=True,
+                   help="JSON lines {prompt, reference?, events?}; references relative to this file")
+    e.add_argument("--clap", help="local transformers CLAP model directory (CLAP score)")
+    e.add_argument("--fd-model", help="FD embedder: a local transformers audio model directory, "
+                                      "or 'mel-stats' (weight-free, smoke tests only)")
+    e.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
+    e.add_argument("--out", help=f"write the generated wavs and {METRICS_FILE} here")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    e.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-new", type=int, default=256, help="decode positions per clip")
+    e.add_argument("--max-audio-frames", type=int, default=500)
+    e.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    e.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
+    e.add_argument("--codec", help="codec dir (default: data.codec of the run)")
+    e.set_defaults(func=eval_command)
+    return e
