@@ -127,6 +127,7 @@ def _counts(report: dict) -> dict:
 
 
 def prepare_world_data(out_dir: str, n_clips: int = 240, seed: int = 0, clip_seconds: float = 2.0,
+                       n_text: int | None = None,
                        n_mels: int = 16, codec_k: int = 4, codec_c: int = 32,
                        vocab_size: int = 512) -> dict:
     """Make (or reuse) the demo's world, tokenizer, codec and datasets under out_dir.
@@ -137,6 +138,7 @@ def prepare_world_data(out_dir: str, n_clips: int = 240, seed: int = 0, clip_sec
         "codec_c", "counts": {name: {split: records}}, "seconds", "args"}
     """
     args = {"version": STAMP_VERSION, "n_clips": int(n_clips), "seed": int(seed),
+            "n_text": int(n_clips if n_text is None else n_text),
             "clip_seconds": float(clip_seconds), "n_mels": int(n_mels), "codec_k": int(codec_k),
             "codec_c": int(codec_c), "vocab_size": int(vocab_size),
             "codec_fit_frames": CODEC_FIT_FRAMES}
@@ -182,7 +184,8 @@ def _prepare(out_dir: str, args: dict) -> dict:
             os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
     world_dir = os.path.join(out_dir, "world")
-    paths = make_world(world_dir, args["n_clips"], args["seed"], args["clip_seconds"])
+    paths = make_world(world_dir, args["n_clips"], args["seed"], args["clip_seconds"],
+                       n_text=args["n_text"])
     world = load_world(paths["world"])
 
     tok_path = train_tiny_bpe(world_texts(paths), args["vocab_size"], out_dir)

@@ -1,5 +1,5 @@
 """`ualm eval` on a tiny random checkpoint: every metric names its model, --json parses, and the
-train-loop hook `generation_metrics` gives flat floats."""
+train loop logs the same metrics at its evals when eval.prompts is set."""
 import argparse
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 
 from test_eval_metrics import clap_dir, needs_torch  # noqa: F401  (tiny random CLAP fixture)
 from test_make_pairs import shared_tiny_run
-from ualm_jax.eval.cli_eval import add_eval_parser, format_table, generation_metrics
+from ualm_jax.eval.cli_eval import add_eval_parser, format_table
 
 GEN = ["--max-new", "24", "--max-audio-frames", "16"]
 
@@ -52,15 +52,22 @@ def test_json_output_parses(setup, capsys):
     assert "gen/clap" in payload["skipped"]  # no --clap: skipped, and said so
 
 
-def test_generation_metrics_hook_is_flat(setup):
-    from ualm_jax.infer.tasks import load
+def test_train_loop_logs_generation_metrics(setup, tmp_path):
+    from ualm_jax.config import load_config
+    from ualm_jax.train.loop import train
 
     run, prompts, _, _ = setup
-    rows = [json.loads(x) for x in open(prompts)]
-    metrics = generation_metrics(load(run), rows, Path(prompts).parent, max_prompts=2,
-                                 max_new=24, max_audio_frames=16)
-    assert set(metrics) == {"gen/world_match", "gen/world_judge"}  # no CLAP, no FD model given
-    assert all(isinstance(v, float) for v in metrics.values())
+    cfg = load_config(run / "config.yaml", [
+        f"eval.prompts={prompts}", "eval.max_prompts=2", "eval.fd_model=mel-stats",
+        "train.steps=1", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=8",
+        "train.seq_len=64", "train.tensorboard=false", "mesh.ici.fsdp=8"])
+    summary = train(cfg, tmp_path / "run")
+    ev = summary["eval"]
+    assert {"eval/gen/world_match", "eval/gen/world_judge", "eval/gen/fd"} <= set(ev)
+    assert 0.0 <= ev["eval/gen/world_match"] <= 1.0 and ev["eval/gen/fd"] >= 0.0
+    assert ev["eval/gen_models"]["gen/fd"].startswith("mel-stats")
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/gen/world_match" in r for r in logged)
 
 
 def test_format_table_lists_skips():

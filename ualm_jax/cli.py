@@ -57,7 +57,7 @@ def _demo(args) -> int:
     maybe_initialize()
     from ualm_jax.demo import run_demo
 
-    run_demo(args.run_dir, args.config, args.overrides, clips=args.clips,
+    run_demo(args.run_dir, args.config, args.overrides, clips=args.clips, problems=args.problems,
              eval_items=args.eval_items, export=not args.no_export)
     return 0
 
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "trained on 8 devices -> evaluation table, plots, PyTorch export")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--config", default="configs/demo.yaml")
-    d.add_argument("--clips", type=int, default=240, help="clips in the procedural world")
+    d.add_argument("--clips", type=int, default=800, help="clips in the procedural world")
+    d.add_argument("--problems", type=int, default=4000, help="text-only problems in the world")
     d.add_argument("--eval-items", type=int, default=32, help="held-out items per task to generate")
     d.add_argument("--no-export", action="store_true")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")

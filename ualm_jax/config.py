@@ -264,6 +264,22 @@ class DPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generation metrics at every train.eval_every (`ualm eval` computes the same offline)."""
+    prompts: str = ""  # JSON lines {prompt, reference?, events?}; empty: no generation metrics
+    max_prompts: int = 16
+    cfg_scale: float = 3.0  # UALM guidance lambda (1 = off)
+    clap: str = ""  # a local transformers CLAP directory -> gen/clap
+    fd_model: str = ""  # a local HF audio model directory or "mel-stats" -> gen/fd (needs references)
+
+    def validate(self, prefix: str = "eval") -> None:
+        if self.max_prompts < 1:
+            raise ConfigError(f"{prefix}.max_prompts={self.max_prompts} must be at least 1")
+        if self.cfg_scale <= 0:
+            raise ConfigError(f"{prefix}.cfg_scale={self.cfg_scale} must be positive")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -271,6 +287,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
     def validate(self) -> "Config":
@@ -279,6 +296,10 @@ class Config:
         self.train.validate()
         self.data.validate()
         self.dpo.validate()
+        self.eval.validate()
+        if self.eval.prompts and not (self.data.tokenizer and self.data.codec):
+            raise ConfigError("eval.prompts generates audio during training: set data.tokenizer "
+                              "and data.codec")
         if self.train.objective == "dpo":
             if self.data.source != "preference":
                 raise ConfigError("train.objective=dpo reads preference pairs: set "

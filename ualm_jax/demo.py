@@ -33,12 +33,13 @@ def demo_config(config: str, overrides: Sequence[str], info: dict):
     return cfg.validate()
 
 
-def prepare(run_dir: Path, config: str, overrides: Sequence[str], clips: int) -> dict:
+def prepare(run_dir: Path, config: str, overrides: Sequence[str], clips: int, problems: int) -> dict:
     from data_pipelines.demo_data import prepare_world_data
     from ualm_jax.config import load_config
 
     model = load_config(config, list(overrides)).model
-    return prepare_world_data(str(run_dir / "data"), n_clips=clips, n_mels=model.audio_encoder.n_mels,
+    return prepare_world_data(str(run_dir / "data"), n_clips=clips, n_text=problems,
+                              n_mels=model.audio_encoder.n_mels,
                               codec_k=model.num_codebooks, codec_c=model.codebook_size,
                               vocab_size=model.text_vocab_size)
 
@@ -98,13 +99,14 @@ def format_results(results: dict) -> str:
 
 
 def run_demo(run_dir: str | Path = "runs/demo", config: str = DEMO_CONFIG,
-             overrides: Sequence[str] = (), clips: int = 240, eval_items: int = 32,
+             overrides: Sequence[str] = (), clips: int = 800, problems: int = 4000,
+             eval_items: int = 32,
              export: bool = True) -> dict:
     from ualm_jax.train.loop import train
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    info = prepare(run_dir, config, overrides, clips)
+    info = prepare(run_dir, config, overrides, clips, problems)
     counts = ", ".join(f"{k} {v.get('train', 0)}" for k, v in info["counts"].items())
     print(f"demo data ready in {time.perf_counter() - t0:.0f} s: {run_dir / 'data'} "
           f"(train records: {counts})", flush=True)

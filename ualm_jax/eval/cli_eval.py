@@ -10,7 +10,7 @@ naming the model that produced it; one whose model or data is missing is skipped
                    i.e. lines with "events"; caption_match strict, as the demo's t2a "match")
   gen/world_judge  mean analyser.judge score against the prompt (the make-pairs builtin judge)
 The maths is ualm_jax.eval (evaluate_generation) and data_pipelines.analyser; this module only
-generates, loads references and reports. `generation_metrics` is the train-loop hook.
+generates, loads references and reports. The train loop calls generation_eval (eval.prompts).
 """
 from __future__ import annotations
 
@@ -125,16 +125,6 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
     else:
         skipped["gen/world_match"] = "no prompt carries 'events' (not the procedural world)"
     return GenerationEval(results, skipped, len(prompts), seconds)
-
-
-def generation_metrics(m, prompts: list[dict], base_dir, clap=None, fd_embedder=None,
-                       cfg_scale: float = 3.0, max_prompts: int | None = None, seed: int = 0,
-                       **gen_kwargs) -> dict[str, float]:
-    """The train-loop hook: flat {"gen/clap", "gen/fd", "gen/world_match", "gen/world_judge"}
-    floats for the metrics that could be computed (generation_eval's keywords pass through)."""
-    ev = generation_eval(m, prompts, base_dir, clap, fd_embedder, cfg_scale, max_prompts, seed,
-                         **gen_kwargs)
-    return {k: float(r.value) for k, r in ev.results.items()}
 
 
 def format_table(ev: GenerationEval, header: str = "") -> str:

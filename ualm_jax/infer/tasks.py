@@ -46,6 +46,11 @@ def generator_for(m: Loaded, rows: int, max_len: int) -> Generator:
 def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
     config_path, _, _ = resolve(checkpoint)
     cfg = load_config(config_path)
+    return from_params(cfg, load_params(checkpoint), tokenizer, codec)
+
+
+def from_params(cfg, params, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
+    """A model ready to generate from a config and parameters (a checkpoint's or live ones)."""
     tok_path = tokenizer or cfg.data.tokenizer
     if not tok_path:
         raise ConfigError("no tokenizer: pass --tokenizer or set data.tokenizer in the run config")
@@ -58,7 +63,14 @@ def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None
         from data_pipelines.codecs import load_codec
 
         codec_obj = load_codec(codec_dir)
-    return Loaded(cfg, load_params(checkpoint), JointVocab.from_model_config(cfg.model), tok, codec_obj)
+    return Loaded(cfg, params, JointVocab.from_model_config(cfg.model), tok, codec_obj)
+
+
+def set_params(m: Loaded, params) -> None:
+    """New weights for a loaded model, keeping its compiled decoders (the train-loop hook)."""
+    m.params = params
+    for gen in m.generators.values():
+        gen.params = params
 
 
 def _render(segments, vocab):

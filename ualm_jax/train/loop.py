@@ -132,6 +132,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     peak = peak_flops_per_device()
     tokens_per_step = t.batch_size * t.seq_len
     writer = MetricsWriter(path, t.tensorboard, is_main)
+    gen_hook = GenerationHook(cfg, path)
     prefetch = data_lib.Prefetcher(train_iter, mesh, rules, names)
     step, skipped, preempted = start, 0, False
     pending = None  # (step, device metrics, task mix): logged one step later, never blocking
@@ -173,6 +174,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                     flush(pending)
                     pending = None
                     last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
+                    last_eval.update(gen_hook(state["params"], step))
                     writer.write(last_eval)
                 if preemption.requested or ckpt.reached_preemption(step):
                     preempted = True
@@ -183,6 +185,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                 flush(pending)
             if step == t.steps and t.eval_batches and t.objective == "lm" and not (t.eval_every and step % t.eval_every == 0):
                 last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
+                last_eval.update(gen_hook(state["params"], step))
                 writer.write(last_eval)
             stopped_early = step < t.steps
             if ckpt.latest_step() != step:
@@ -213,6 +216,44 @@ def _dpo_step_fn(cfg, model, tx, schedule, shardings, b_shard, mesh, info):
                      in_shardings=(shardings, b_shard, shardings["params"]),
                      out_shardings=(shardings, None), donate_argnums=(0,))
     return lambda st, b: jitted(st, b, ref)
+
+
+class GenerationHook:
+    """eval.prompts set: generation metrics (CLAP, FD, world match; each names its model) on
+    the live parameters at every eval, logged as gen/* next to the held-out losses."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir, self.loaded = cfg, run_dir, None
+        self.enabled = bool(cfg.eval.prompts)
+        if self.enabled and jax.process_count() > 1:  # generation runs on one host's copy
+            print("eval.prompts: generation metrics are computed by `ualm eval` on multi-host "
+                  "runs, not in the loop", flush=True)
+            self.enabled = False
+        if self.enabled:
+            from ualm_jax.eval.cli_eval import make_clap, make_fd_embedder
+            from ualm_jax.infer.make_pairs import read_prompts
+
+            self.prompts = read_prompts(cfg.eval.prompts)  # a bad file fails before training
+            self.clap, self.fd = make_clap(cfg.eval.clap or None), make_fd_embedder(cfg.eval.fd_model or None)
+
+    def __call__(self, params, step: int) -> dict:
+        if not self.enabled:
+            return {}
+        from ualm_jax.eval.cli_eval import generation_eval
+        from ualm_jax.infer.tasks import from_params, set_params
+
+        host = jax.device_get(params)
+        if self.loaded is None:
+            self.loaded = from_params(self.cfg, host)
+        set_params(self.loaded, host)
+        e = self.cfg.eval
+        ev = generation_eval(self.loaded, self.prompts, Path(e.prompts).resolve().parent,
+                             self.clap, self.fd, e.cfg_scale, e.max_prompts, self.cfg.seed)
+        rec = {f"eval/{k}": float(r.value) for k, r in ev.results.items()}
+        rec["eval/gen_models"] = {k: r.model for k, r in ev.results.items()}
+        print("eval step {} generation: {}".format(step, " ".join(
+            f"{k}={r.value:.4f} ({r.model})" for k, r in ev.results.items())), flush=True)
+        return rec
 
 
 def eval_sums(eval_fn, params, cfg, mesh, batches: int) -> LossSums:

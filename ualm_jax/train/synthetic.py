@@ -25,11 +25,12 @@ class SyntheticStream:
         self.k = max(vocab.num_codebooks, 1)
         self.n_mels, self.mel_frames, self.frames_per_clip = n_mels, mel_frames, frames_per_clip
         self.text_only = text_only or vocab.num_codebooks == 0
-        tasks = ("text",) if self.text_only else tuple(tasks)
-        if not frames_per_clip:
-            tasks = tuple(t for t in tasks if t != "caption")
-        self.tasks = tasks
-        w = np.ones(len(tasks)) if weights is None else np.asarray(weights, float)
+        given = dict(zip(tasks, np.ones(len(tasks)) if weights is None else weights))
+        keep = ("text",) if self.text_only else tuple(tasks)
+        if not frames_per_clip:  # no audio encoder: no captioning rows
+            keep = tuple(t for t in keep if t != "caption")
+        self.tasks = keep
+        w = np.asarray([given.get(t, 1.0) for t in keep], float)
         self.weights = w / w.sum()
         self.step = 0
         self.words = min(64, vocab.text_vocab_size)
