@@ -328,3 +328,36 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
         assert np.isfinite(rec["loss"])
         halves.append((per_row[:4].sum(), per_row[4:].sum()))
     assert any(a != b for a, b in halves), halves
+
+
+@pytest.mark.slow
+def test_two_processes_pack_their_own_mixture_shares_and_resume(tmp_path):
+    """data.source=mixture: each process packs its own share of the built records; the checkpoint
+    holds both iterator positions and each process resumes from its own."""
+    from data_pipelines.build import build
+    from data_pipelines.tokenizer import train_tiny_bpe
+
+    rng = np.random.default_rng(0)
+    words = "one two three four five six seven eight nine ten".split()
+    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, 4))},
+                          {"role": "assistant", "content": " ".join(rng.choice(words, 3))}]}
+            for _ in range(64)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_tiny_bpe(words * 8, 280, str(tmp_path / "tok"))
+    build("text-sft", str(tmp_path / "sft.jsonl"), str(tmp_path / "sft"), tokenizer=tok)
+    config, run = tmp_path / "mix.yaml", tmp_path / "run"
+    config.write_text(TINY + f"data: {{source: mixture, mixture: [{{name: text, path: '{tmp_path / 'sft'}'}}]}}\n")
+
+    launch_local(config, run, "train.steps=2")
+    saved = json.loads((run / "checkpoints" / "2" / "data" / "metadata").read_text())  # Orbax JSON item
+    assert saved["process_count"] == 2
+    states = saved["processes"]
+    assert [s["fingerprint"]["process_index"] for s in states] == [0, 1]
+    assert all(s["fingerprint"]["process_count"] == 2 for s in states)
+    assert all(s["counts"]["batches"] == 2 for s in states)
+
+    second = launch_local(config, run)
+    for i in (0, 1):
+        assert f"[p{i}] resumed from step 2" in second
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
