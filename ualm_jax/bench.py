@@ -7,7 +7,7 @@ import time
 import jax
 import numpy as np
 
-from ualm_jax.config import Config, ConfigError, from_dict, load_config
+from ualm_jax.config import Config, ConfigError, load_config
 from ualm_jax.model.flops import FORMULA, flops_per_token
 from ualm_jax.model.params import build_model
 from ualm_jax.sharding import make_mesh, parse_mesh_arg, shard_batch
@@ -18,23 +18,19 @@ from ualm_jax.train.step import jit_train_step, make_train_step
 from ualm_jax.train.synthetic import stream_for_model
 
 
-def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, warmup: int = 2,
-               text_only: bool = False, microbatches: int = 1, overrides=(),
-               peak_tflops: float | None = None) -> dict:
+def bench_config(model: str, mesh: str | None, text_only: bool = False, overrides=()) -> Config:
+    """The config every bench builds its step from: the preset, overrides, and `--mesh`."""
     over = [f"model.preset={model}"] + list(overrides)
     if text_only:
         over += ["model.num_codebooks=0", "model.audio_encoder.enabled=false"]
     cfg: Config = load_config(None, over)
     if mesh:
         cfg.mesh.ici = parse_mesh_arg(mesh)
-    if batch % microbatches:
-        raise ConfigError(f"--batch={batch} must be divisible by --microbatches={microbatches}")
-    dev_mesh = make_mesh(cfg.mesh)
-    m = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, total_steps=max(steps + warmup, 1))
-    shardings, _ = state_shardings(m, tx, dev_mesh, cfg.mesh.rules)
-    t0 = time.perf_counter()
-    state = create_state(m, tx, shardings, jax.random.key(cfg.seed))
+    return cfg
+
+
+def bench_host_batch(cfg: Config, batch: int, seq: int, text_only: bool = False) -> dict:
+    """One synthetic host batch in the train-step format, every position supervised."""
     stream = stream_for_model(cfg.model, batch, seq, seed=cfg.seed, text_only=text_only)
     host_batch = next(stream)
     host_batch.pop("task_ids")
@@ -43,11 +39,34 @@ def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, w
         host_batch.pop("audio_slots", None)
     # Every position supervised: the bench measures the step, not the data.
     host_batch["loss_weights"] = np.where(host_batch["tokens"] > 0, 1.0, 0.0).astype(np.float32)
-    dev_batch = shard_batch(host_batch, dev_mesh, cfg.mesh.rules)
-    b_shard = {k: v.sharding for k, v in dev_batch.items()}
+    return host_batch
+
+
+def bench_train_step(cfg: Config, dev_mesh, batch_shardings: dict, steps: int, warmup: int = 0,
+                     microbatches: int = 1):
+    """(jitted train step, state shardings, model, optimiser) exactly as `bench step` runs it."""
+    m = build_model(cfg.model)
+    tx = make_optimizer(cfg.optim, total_steps=max(steps + warmup, 1))
+    shardings, _ = state_shardings(m, tx, dev_mesh, cfg.mesh.rules)
     step_fn = jit_train_step(
         make_train_step(m, tx, learning_rate_schedule(cfg.optim, steps), microbatches),
-        shardings, b_shard, dev_mesh, cfg.mesh.rules)
+        shardings, batch_shardings, dev_mesh, cfg.mesh.rules)
+    return step_fn, shardings, m, tx
+
+
+def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, warmup: int = 2,
+               text_only: bool = False, microbatches: int = 1, overrides=(),
+               peak_tflops: float | None = None) -> dict:
+    cfg = bench_config(model, mesh, text_only, overrides)
+    if batch % microbatches:
+        raise ConfigError(f"--batch={batch} must be divisible by --microbatches={microbatches}")
+    dev_mesh = make_mesh(cfg.mesh)
+    t0 = time.perf_counter()
+    dev_batch = shard_batch(bench_host_batch(cfg, batch, seq, text_only), dev_mesh, cfg.mesh.rules)
+    b_shard = {k: v.sharding for k, v in dev_batch.items()}
+    step_fn, shardings, m, tx = bench_train_step(cfg, dev_mesh, b_shard, steps, warmup,
+                                                 microbatches)
+    state = create_state(m, tx, shardings, jax.random.key(cfg.seed))
     compiled = step_fn.lower(state, dev_batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):

@@ -12,6 +12,17 @@ from ualm_jax.config import ConfigError
 def _bench(args) -> int:
     from ualm_jax.bench import bench_step, print_json
 
+    if args.what == "compile":
+        from ualm_jax.bench_compile import TpuCompileUnavailable, bench_compile
+
+        try:
+            rec = bench_compile(args.model, args.topology, batch=args.batch, seq=args.seq or 4096,
+                                mesh=args.mesh, microbatches=args.microbatches,
+                                overrides=args.set or [], text_only=args.text_only)
+        except TpuCompileUnavailable as e:
+            print(f"ualm bench: error: {e}", file=sys.stderr)
+            return 2
+        print_json(rec)
     if args.what == "data":
         from data_pipelines.bench_data import bench_data, bench_data_from_config
 
@@ -259,9 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dpo_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
-    b.add_argument("what", choices=["step", "export", "data"],
+    b.add_argument("what", choices=["step", "export", "data", "compile"],
                    help="step: the real train step; export: peak memory of exporting a checkpoint; "
-                        "data: packed tokens/s of the data pipeline")
+                        "data: packed tokens/s of the data pipeline; compile: compile the train "
+                        "step for --topology and report per-chip memory")
+    b.add_argument("--topology", default="v5p-128",
+                   help="compile: v5p-128, v4-32, v5e-8, v6e-16, a chip grid like v5p:4x4x4, or cpu:N")
     b.add_argument("--config", default=None,
                    help="data: a config whose data.mixture shards to read (default: in-memory "
                         "records at the paper's shapes, --batch x --seq)")
@@ -269,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workdir", default="runs/bench-export", help="export: where checkpoints go")
     b.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"], help="export format")
     b.add_argument("--model", default="tiny", help="model preset: tiny, 0.5b, 1.5b, 7b")
-    b.add_argument("--batch", type=int, default=None, help="global batch (sequences; default 8)")
+    b.add_argument("--batch", type=int, default=None,
+                   help="global batch (sequences; step/data: 8, compile: one per data x fsdp device)")
     b.add_argument("--seq", type=int, default=None,
-                   help="sequence length (default: step 128, data 4096)")
+                   help="sequence length (default: step 128, data and compile 4096)")
     b.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: fsdp over all)")
     b.add_argument("--steps", type=int, default=5, help="timed steps")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
