@@ -33,3 +33,16 @@ def test_bench_bad_mesh_is_a_clear_error():
     r = _run("bench", "step", "--model", "tiny", "--mesh", "data=3", "--steps", "1")
     assert r.returncode == 2
     assert "mesh sizes (mesh.ici.data=3) multiply to 3 but 8 devices are present" in r.stderr
+
+
+def test_bench_data_and_compile_print_json():
+    r = _run("bench", "data", "--batch", "2", "--seq", "1024", "--seconds", "0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
+    assert rec["bench"] == "data" and rec["packed_tokens_per_s"] > 0
+    assert 0 < rec["packing_efficiency"] <= 1 and rec["seq"] == 1024
+
+    r = _run("bench", "compile", "--model", "tiny", "--topology", "cpu:8", "--seq", "64")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
+    assert rec["per_chip_bytes"]["total"] > 0 and rec["fits"] is None
