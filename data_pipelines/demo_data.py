@@ -35,7 +35,7 @@ import numpy as np
 from data_pipelines.codecs.base import Codec
 
 STAMP = "ready.json"
-STAMP_VERSION = 1  # bump when the folder's layout or contents change meaning
+STAMP_VERSION = 2  # bump when the folder's layout or contents change meaning
 CODEC_FIT_FRAMES = 6000
 
 # dataset name -> (world manifest, builder kind, builder task)

@@ -30,6 +30,7 @@ Output folder:
   reason.jsonl         enrichment: vague request -> rich caption -> audio (kind "reason")
   prompts.jsonl        held-out clips for generation eval: {"id", "prompt", "rich_caption",
                        "reference", "events"} (`prompt` is what `ualm generate --prompts` reads)
+  train_prompts.jsonl  the same for the training clips (DPO pairs: `ualm dpo make-pairs`)
   world.json           settings and ground truth: each clip's events, captions and QA; each problem
 Held-out clips and problems (an evenly spread `eval_fraction`) carry "split": "validation".
 Everything follows from `seed`: clip i and problem j draw from their own streams, so a bigger world
@@ -384,8 +385,8 @@ def make_world(out_dir: str, n_clips: int, seed: int, clip_seconds: float = 2.0,
                eval_fraction: float = 0.1, qa_per_clip: int = 3, n_text: Optional[int] = None,
                loudness: bool = False, speech_clips: int = 0) -> dict:
     """Write the world into out_dir; -> {"captions", "rich_captions", "audio_qa", "text_sft",
-    "reason", "prompts", "world"} paths. n_text defaults to n_clips. loudness: loud / soft events
-    (see the module doc). speech_clips > 0 adds clips of one spoken word each when espeak-ng is
+    "reason", "prompts", "train_prompts", "world"} paths. n_text defaults to n_clips. loudness:
+    loud / soft events (see the module doc). speech_clips > 0 adds clips of one spoken word each when espeak-ng is
     installed (skipped, and said so in world.json, when not)."""
     import soundfile as sf
 
@@ -419,7 +420,7 @@ def make_world(out_dir: str, n_clips: int, seed: int, clip_seconds: float = 2.0,
         clips.append({"id": f"speech_{j:05d}", "wave": wave, "events": [event],
                       "validation": held_out(j, eval_fraction), "qa_rng": rng})
 
-    captions, rich, qa_rows, reason, prompts, truth = [], [], [], [], [], []
+    captions, rich, qa_rows, reason, prompts, train_prompts, truth = [], [], [], [], [], [], []
     for c in clips:
         rel = f"clips/{c['id']}.wav"
         sf.write(os.path.join(out_dir, rel), c["wave"], SAMPLE_RATE, subtype="PCM_16")
@@ -436,9 +437,10 @@ def make_world(out_dir: str, n_clips: int, seed: int, clip_seconds: float = 2.0,
                     for q, a in qa]
         reason.append(_with_split({"behaviour": "enrichment", "prompt": vague_request(events),
                                    "rich_caption": plan, "audio": rel}, val))
-        if val and events[0].type != "speech":
-            prompts.append({"id": c["id"], "prompt": short, "rich_caption": plan, "reference": rel,
-                            "events": [e.to_dict() for e in events]})
+        if events[0].type != "speech":
+            (prompts if val else train_prompts).append(
+                {"id": c["id"], "prompt": short, "rich_caption": plan, "reference": rel,
+                 "events": [e.to_dict() for e in events]})
         truth.append({"id": c["id"], "audio": rel, "split": "validation" if val else "train",
                       "events": [e.to_dict() for e in events], "caption": short,
                       "rich_caption": plan, "qa": [{"question": q, "answer": a} for q, a in qa]})
@@ -453,9 +455,11 @@ def make_world(out_dir: str, n_clips: int, seed: int, clip_seconds: float = 2.0,
                                                    {"role": "assistant", "content": a}]}, val))
 
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in
-             ("captions", "rich_captions", "audio_qa", "text_sft", "reason", "prompts")}
+             ("captions", "rich_captions", "audio_qa", "text_sft", "reason", "prompts",
+              "train_prompts")}
     for name, rows in (("captions", captions), ("rich_captions", rich), ("audio_qa", qa_rows),
-                       ("text_sft", text_rows), ("reason", reason), ("prompts", prompts)):
+                       ("text_sft", text_rows), ("reason", reason), ("prompts", prompts),
+                       ("train_prompts", train_prompts)):
         _write_jsonl(paths[name], rows)
     paths["world"] = os.path.join(out_dir, "world.json")
     settings = {"seed": seed, "n_clips": n_clips, "clip_seconds": clip_seconds,

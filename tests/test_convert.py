@@ -226,3 +226,16 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export(tmp_path / "ckpt", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+
+
+def test_load_params_from_a_relative_path(tmp_path, monkeypatch):
+    """`ualm generate --checkpoint runs/demo`: a relative run directory reads the same tensors."""
+    import jax
+
+    from ualm_jax.checkpoint import save_params
+
+    params = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.ones(4, np.float32)}}
+    save_params(tmp_path / "run" / "checkpoints", jax.tree.map(jax.numpy.asarray, params))
+    monkeypatch.chdir(tmp_path)
+    got = load_params("run")
+    assert np.array_equal(got["a"], params["a"]) and np.array_equal(got["b"]["c"], params["b"]["c"])

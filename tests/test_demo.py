@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert text in out, text
     results = json.loads((run / "results.json").read_text())
     assert [m["name"] for m in results["mixture"]] == ["caption", "audio_qa", "t2a", "text_sft"]
-    assert {e["cfg_scale"] for e in results["world"]["t2a"]} == {1.0, 3.0}
+    assert {e["cfg_scale"] for e in results["world"]["t2a"]} == {1.0, 1.5, 3.0}
     for name in ("losses.png", "mixture.png", "spectrograms.png"):
         assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "export" / "ualm_config.json").is_file()

@@ -77,8 +77,9 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 def resolve(path: str | Path) -> tuple[Path, Path, int]:
     """A run directory (its latest checkpoint), its `checkpoints/` folder, or one step folder ->
-    (config.yaml of the run, checkpoints folder, step). Errors say what was expected."""
-    path = Path(path)
+    (config.yaml of the run, checkpoints folder, step). Errors say what was expected. Paths come
+    back absolute: Orbax misreads a relative checkpoint path's metadata."""
+    path = Path(path).absolute()
     if (path / STATE).is_dir() and path.name.isdigit():
         return path.parent.parent / "config.yaml", path.parent, int(path.name)
     ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path

@@ -195,6 +195,8 @@ def _add_mixture_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ualm_jax.infer.tasks import add_generation_args
+
     p = argparse.ArgumentParser(prog="ualm", description="Train, evaluate and export UALM models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -237,21 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text -> audio (with guidance) or audio -> caption",
                        description="Guidance follows UALM: logits = cfg*cond + (1-cfg)*uncond, so "
                        "--cfg 3.0 equals a scale s=2 in the c + s*(c-u) convention; 1.0 disables it.")
-    g.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
     g.add_argument("--task", required=True, choices=["text-to-audio", "caption"])
     g.add_argument("--prompt", help="caption to render as audio")
     g.add_argument("--audio", help="audio file to caption")
     g.add_argument("--out", help="output .wav (text-to-audio)")
     g.add_argument("--prompts", help="batch mode: JSON lines with prompt/out or audio")
     g.add_argument("--out-dir", help="batch mode: where .wav files go when a line has no out")
-    g.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
-    g.add_argument("--top-k", type=int, default=20)
-    g.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
-    g.add_argument("--max-new", type=int, default=256)
-    g.add_argument("--max-audio-frames", type=int, default=500)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
-    g.add_argument("--codec", help="codec dir (default: data.codec of the run)")
+    add_generation_args(g)
     g.set_defaults(func=_generate)
 
     n = sub.add_parser("inspect", help="tensor tree of a checkpoint / HF / exported directory")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 DEMO_CONFIG = "configs/demo.yaml"
+CFG_SCALES = (1.0, 1.5, 3.0)  # text-to-audio guidance lambdas evaluated (1 = no guidance)
 
 
 def demo_config(config: str, overrides: Sequence[str], info: dict):
@@ -52,7 +53,9 @@ def report(cfg, run_dir: Path, info: dict, summary: dict, eval_items: int, expor
     from ualm_jax.report.plots import plot_losses, plot_mixture, plot_spectrograms
 
     t0 = time.perf_counter()
-    world = evaluate_world(load(run_dir), info["world"], str(run_dir / "eval"), max_items=eval_items)
+    # lambda 1.5 is this tiny model's best guidance; UALM's 3 shows what too much does to it.
+    world = evaluate_world(load(run_dir), info["world"], str(run_dir / "eval"), max_items=eval_items,
+                           cfg_scales=CFG_SCALES)
     eval_s = time.perf_counter() - t0
     plots = run_dir / "plots"
     mixture = inspect_mixture(cfg, batches=20)

@@ -167,26 +167,22 @@ def eval_command(args) -> int:
 
 def add_eval_parser(sub):
     """Adds `eval` to an argparse subparsers object; returns its parser."""
+    from ualm_jax.infer.tasks import add_generation_args
+
     e = sub.add_parser(
         "eval", help="generate audio for prompts and score it (CLAP, FD, world match)",
         description="Every metric names the model that produced it. Guidance follows UALM: "
                     "logits = cfg*cond + (1-cfg)*uncond (--cfg 3.0 = s 2 in the c + s*(c-u) "
                     "convention; 1 = off).")
-    e.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
     e.add_argument("--prompts", required=True,
                    help="JSON lines {prompt, reference?, events?}; references relative to this file")
     e.add_argument("--clap", help="local transformers CLAP model directory (CLAP score)")
     e.add_argument("--fd-model", help="FD embedder: a local transformers audio model directory, "
                                       "or 'mel-stats' (weight-free, smoke tests only)")
-    e.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
     e.add_argument("--out", help=f"write the generated wavs and {METRICS_FILE} here")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     e.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--max-new", type=int, default=256, help="decode positions per clip")
-    e.add_argument("--max-audio-frames", type=int, default=500)
     e.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    e.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
-    e.add_argument("--codec", help="codec dir (default: data.codec of the run)")
+    add_generation_args(e, sampling=False)
     e.set_defaults(func=eval_command)
     return e

@@ -301,6 +301,8 @@ def make_pairs_command(args) -> int:
 
 def add_dpo_parser(sub):
     """Adds `dpo make-pairs` to an argparse subparsers object; returns the `dpo` parser."""
+    from ualm_jax.infer.tasks import add_generation_args
+
     d = sub.add_parser("dpo", help="DPO data: preference pairs from a model's own samples")
     dsub = d.add_subparsers(dest="dpo_command", required=True)
     p = dsub.add_parser(
@@ -309,21 +311,13 @@ def add_dpo_parser(sub):
                     "(captions manifest of the winners, for the adaptation SFT), the wavs and "
                     "OUT/make_pairs_report.json. Guidance follows UALM: logits = cfg*cond + "
                     "(1-cfg)*uncond (--cfg 3.0 = s 2 in the c + s*(c-u) convention; 1 = off).")
-    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
     p.add_argument("--prompts", required=True, help="JSON lines with at least {\"prompt\": text}")
     p.add_argument("--samples", type=int, required=True, help="samples per prompt (>= 2)")
     p.add_argument("--judge", required=True, help=JUDGE_HELP)
     p.add_argument("--threshold", type=float, default=0.1,
                    help="keep a pair only when best - worst score >= this (ties never)")
-    p.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
     p.add_argument("--out", default="dpo_pairs", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
-    p.add_argument("--codec", help="codec dir (default: data.codec of the run)")
-    p.add_argument("--max-new", type=int, default=256, help="decode positions per sample")
-    p.add_argument("--max-audio-frames", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
-    p.add_argument("--top-k", type=int, default=20)
+    add_generation_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--min-seconds", type=float, default=0.1,
                    help="shorter samples are not paired (the preference builder's minimum)")

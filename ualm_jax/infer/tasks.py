@@ -49,6 +49,20 @@ def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None
     return from_params(cfg, load_params(checkpoint), tokenizer, codec)
 
 
+def add_generation_args(p, sampling: bool = True) -> None:
+    """The flags `ualm generate`, `ualm eval` and `ualm dpo make-pairs` share."""
+    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
+    p.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
+    if sampling:
+        p.add_argument("--top-k", type=int, default=20)
+        p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
+    p.add_argument("--max-new", type=int, default=256, help="decode positions per output")
+    p.add_argument("--max-audio-frames", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
+    p.add_argument("--codec", help="codec dir (default: data.codec of the run)")
+
+
 def from_params(cfg, params, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
     """A model ready to generate from a config and parameters (a checkpoint's or live ones)."""
     tok_path = tokenizer or cfg.data.tokenizer
