@@ -132,7 +132,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     peak = peak_flops_per_device()
     tokens_per_step = t.batch_size * t.seq_len
     writer = MetricsWriter(path, t.tensorboard, is_main)
-    gen_hook = GenerationHook(cfg, path)
+    gen_hook = GenerationHook(cfg)
     prefetch = data_lib.Prefetcher(train_iter, mesh, rules, names)
     step, skipped, preempted = start, 0, False
     pending = None  # (step, device metrics, task mix): logged one step later, never blocking
@@ -222,8 +222,8 @@ class GenerationHook:
     """eval.prompts set: generation metrics (CLAP, FD, world match; each names its model) on
     the live parameters at every eval, logged as gen/* next to the held-out losses."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir, self.loaded = cfg, run_dir, None
+    def __init__(self, cfg: Config):
+        self.cfg, self.loaded = cfg, None
         self.enabled = bool(cfg.eval.prompts)
         if self.enabled and jax.process_count() > 1:  # generation runs on one host's copy
             print("eval.prompts: generation metrics are computed by `ualm eval` on multi-host "
@@ -234,7 +234,8 @@ class GenerationHook:
             from ualm_jax.infer.make_pairs import read_prompts
 
             self.prompts = read_prompts(cfg.eval.prompts)  # a bad file fails before training
-            self.clap, self.fd = make_clap(cfg.eval.clap or None), make_fd_embedder(cfg.eval.fd_model or None)
+            self.clap = make_clap(cfg.eval.clap or None)
+            self.fd = make_fd_embedder(cfg.eval.fd_model or None)
 
     def __call__(self, params, step: int) -> dict:
         if not self.enabled:
