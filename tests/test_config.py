@@ -18,7 +18,7 @@ def test_preset_and_overrides(tmp_path):
     (["model.preset=13b"], r"model.preset='13b' is unknown; known presets: tiny, 0.5b, 1.5b, 7b"),
     (["model.preset=tiny", "model.n_kv_heads=3"], r"model.n_heads=4 must be a multiple of model.n_kv_heads=3"),
     (["model.preset=tiny", "model.bogus=1"], r"unknown key\(s\) 'bogus' in model; valid keys: .*d_model"),
-    (["trian.steps=1"], r"unknown key\(s\) 'trian' in config; valid keys: data, dpo, mesh, model, optim, seed, train"),
+    (["trian.steps=1"], r"unknown key\(s\) 'trian' in config; valid keys: data, dpo, eval, mesh, model, optim, seed, train"),
     (["model.preset=tiny", "model.n_layers=two"], r"model.n_layers='two' must be an integer"),
     (["model.preset=tiny", "model.remat=some"], r"model.remat='some' is not one of"),
     (["model.preset=tiny", "model.audio_encoder.n_heads=3"], r"model.audio_encoder.d_model=32 must be divisible"),
