@@ -84,3 +84,19 @@ def test_unreadable_audio_raises_naming_the_file(tmp_path):
         load_audio(str(nan))
     with pytest.raises(ValueError, match="missing.wav"):
         load_audio(str(tmp_path / "missing.wav"))
+
+
+@pytest.mark.parametrize("seconds", [0.3, 2.0, 29.99, 30.0, 31.5])
+def test_window_log_mels_equal_whole_padded_windows(seconds):
+    """Short clips compute only the frames near their audio: bit-identical to padding each window
+    to 30 s first, as WhisperFeatureExtractor does."""
+    from data_pipelines import features as F
+
+    n = int(seconds * F.SAMPLE_RATE)
+    t = np.arange(n) / F.SAMPLE_RATE
+    wave = (0.4 * np.sin(2 * np.pi * 330 * t) * (t < seconds / 2)).astype(np.float32)
+    mels, mask = F.window_log_mels(wave, 80)
+    full = F.window_samples()
+    for w, chunk in enumerate(F.split_windows(wave)):
+        assert np.array_equal(mels[w], F.log_mel(np.pad(chunk, (0, full - len(chunk))), 80))
+        assert mask[w].sum() == F.valid_mel_frames(len(chunk))
