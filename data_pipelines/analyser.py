@@ -302,6 +302,14 @@ def judge(wave: np.ndarray, caption: str, sr: int = SAMPLE_RATE) -> float:
     return float(caption_match(analyse(wave, sr), specs))
 
 
+def score_caption(wave: np.ndarray, caption: str, sr: int = SAMPLE_RATE) -> tuple[bool, float]:
+    """(strict caption_match, judge score) of audio against its caption, analysing it once."""
+    events = analyse(wave, sr)
+    specs = parse_caption(caption)
+    strict = bool(caption_match(events, caption, strict=True))
+    return strict, float(caption_match(events, specs)) if specs else 0.0
+
+
 def events_equal(truth: Sequence[Event], found: Sequence[Event],
                  time_tol: float = TIME_TOL) -> bool:
     """Exact recovery: same count and, in order, the type, every attribute the truth states

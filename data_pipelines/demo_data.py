@@ -23,7 +23,6 @@ returns it without work, other arguments rebuild everything.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -76,7 +75,7 @@ def _train_waves(world_dir: str, world: dict) -> list:
             for c in world["clips"] if c["split"] == "train"]
 
 
-# Each clip feeds several datasets (3 codec encodes, 1 + qa_per_clip log-mels): compute once.
+# Each clip feeds three text-to-audio-like datasets (t2a, rich_t2a, reason): encode it once.
 def _digest(wave: np.ndarray) -> tuple:
     w = np.ascontiguousarray(wave)
     return hashlib.sha1(w.tobytes()).hexdigest(), w.shape, w.dtype.str
@@ -98,28 +97,6 @@ class _MemoCodec(Codec):
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return self.inner.decode(codes)
-
-
-@contextlib.contextmanager
-def _memo_mels():
-    """Builders compute a clip's 30 s-window log-mel per record (caption + every QA row of the
-    clip); cache it by content for the duration of the builds. Results are identical."""
-    from data_pipelines import features as F
-
-    original, cache = F.window_log_mels, {}
-
-    def cached(wave, n_mels=128, window_s=F.WINDOW_SECONDS):
-        key = (_digest(wave), int(n_mels), float(window_s))
-        if key not in cache:
-            cache[key] = original(wave, n_mels, window_s)
-        mels, mask = cache[key]
-        return mels.copy(), mask.copy()
-
-    F.window_log_mels = cached
-    try:
-        yield
-    finally:
-        F.window_log_mels = original
 
 
 def _counts(report: dict) -> dict:
@@ -197,15 +174,14 @@ def _prepare(out_dir: str, args: dict) -> dict:
     codec_dir = codec.save(os.path.join(out_dir, "codec"))
 
     datasets, counts, memo = {}, {}, _MemoCodec(codec)
-    with _memo_mels():
-        for name, (manifest, kind, task) in DATASETS.items():
-            rel = os.path.join("data", name)
-            report = build(kind, paths[manifest], os.path.join(out_dir, rel), codec=memo,
-                           tokenizer=tokenizer, n_mels=args["n_mels"], task=task)
-            if report["skipped"]:
-                raise RuntimeError(f"demo data {name}: {report['skipped']} line(s) skipped, "
-                                   f"e.g. {report['skipped_lines'][:2]}")
-            datasets[name], counts[name] = rel, _counts(report)
+    for name, (manifest, kind, task) in DATASETS.items():
+        rel = os.path.join("data", name)
+        report = build(kind, paths[manifest], os.path.join(out_dir, rel), codec=memo,
+                       tokenizer=tokenizer, n_mels=args["n_mels"], task=task)
+        if report["skipped"]:
+            raise RuntimeError(f"demo data {name}: {report['skipped']} line(s) skipped, "
+                               f"e.g. {report['skipped_lines'][:2]}")
+        datasets[name], counts[name] = rel, _counts(report)
     return {"tokenizer": os.path.relpath(tok_path, out_dir),
             "codec": os.path.relpath(codec_dir, out_dir), "world": "world",
             "datasets": datasets, "counts": counts, "text_vocab_size": tokenizer.vocab_size,

@@ -60,20 +60,6 @@ def make_clap(path: str | None):
     return ClapEmbedder.from_pretrained(path)
 
 
-def _world_scores(waves, sr: int, captions) -> tuple[list[bool], list[float]]:
-    """Against the prompt text, not the reference's events: a prompt states no timing."""
-    from data_pipelines.analyser import analyse, caption_match, judge
-    from data_pipelines.world import SAMPLE_RATE
-    from ualm_jax.eval.embedders import resample, to_mono
-
-    strict, scores = [], []
-    for w, c in zip(waves, captions):
-        w = resample(to_mono(w), sr, SAMPLE_RATE)
-        strict.append(bool(caption_match(analyse(w, SAMPLE_RATE), c, strict=True)))
-        scores.append(float(judge(w, c, SAMPLE_RATE)))
-    return strict, scores
-
-
 def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=None,
                     cfg_scale: float = 3.0, max_prompts: int | None = None, seed: int = 0, *,
                     max_new: int = 256, max_audio_frames: int = 500, batch_size: int = 16,
@@ -119,7 +105,10 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
 
     world = [(w, c) for w, c, p in zip(waves, captions, prompts) if p.get("events") is not None]
     if world:
-        strict, scores = _world_scores([w for w, _ in world], sr, [c for _, c in world])
+        from data_pipelines.analyser import score_caption
+
+        # Against the prompt text, not the reference's events: a prompt states no timing.
+        strict, scores = zip(*(score_caption(w, c, sr) for w, c in world))
         results["gen/world_match"] = MetricResult(float(np.mean(strict)), len(world), WORLD_JUDGE)
         results["gen/world_judge"] = MetricResult(float(np.mean(scores)), len(world), WORLD_JUDGE)
     else:

@@ -89,7 +89,7 @@ def _text_tasks(m, world_dir, clips, qa, problems, gen_cfg) -> dict:
 def _t2a(m, clips, out_dir, scale, frames, gen_cfg) -> dict:
     import soundfile as sf
 
-    from data_pipelines.analyser import analyse, caption_match, judge
+    from data_pipelines.analyser import score_caption
     from ualm_jax.infer.tasks import text_to_audio
 
     folder = os.path.join(out_dir, f"t2a_cfg{scale:g}")
@@ -106,9 +106,9 @@ def _t2a(m, clips, out_dir, scale, frames, gen_cfg) -> dict:
         wave = m.codec.decode(x) if len(x) else np.zeros(0, np.float32)
         path = os.path.join(folder, f"{c['id']}.wav")
         sf.write(path, wave, m.codec.sample_rate)
-        sr = m.codec.sample_rate
-        matches.append(bool(caption_match(analyse(wave, sr), c["caption"], strict=True)))
-        scores.append(judge(wave, c["caption"], sr))
+        strict, score = score_caption(wave, c["caption"], m.codec.sample_rate)
+        matches.append(strict)
+        scores.append(score)
         entry["samples"].append((c["caption"], path))
     entry.update(match=_mean(matches), judge=_mean(scores))
     return entry

@@ -81,22 +81,15 @@ class Synthesizer:
     def codes(self, captions: list[str], seed: int) -> list[np.ndarray]:
         """Codes [T, K] per caption; batch b samples with derive_seed(seed, b). Every batch is
         padded to `batch_size` rows (build with min(batch_size, prompts) for small runs)."""
-        from ualm_jax.infer.decode import audio_codes, generate
-        from ualm_jax.infer.tasks import generator_for, text_to_audio_prompts
+        from ualm_jax.infer.tasks import text_to_audio
 
-        cfg = self.gen_cfg
-        guided = cfg.cfg_scale != 1.0
         rows = self.batch_size
         out: list[np.ndarray] = []
         for b, start in enumerate(range(0, len(captions), rows)):
             chunk = list(captions[start:start + rows])
             padded = chunk + [chunk[-1]] * (rows - len(chunk))  # fixed rows: no recompile
-            cond, uncond = text_to_audio_prompts(self.m, padded)
-            gen = generator_for(self.m, rows * (2 if guided else 1),
-                                max(len(p) for p in cond) + cfg.max_new)
-            segs = generate(gen, cond, dataclasses.replace(cfg, seed=derive_seed(seed, b)),
-                            start_phase="audio", uncond_prompts=uncond if guided else None)
-            out += [audio_codes(s[0], self.m.vocab) for s in segs[:len(chunk)]]
+            cfg = dataclasses.replace(self.gen_cfg, seed=derive_seed(seed, b))
+            out += text_to_audio(self.m, padded, cfg)[:len(chunk)]
         return out
 
     @property

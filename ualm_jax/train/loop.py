@@ -115,8 +115,10 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
         state, start = create_state(model, tx, shardings, jax.random.key(cfg.seed)), 0
 
     # Compiled steps.
-    # Batch shapes from a fresh iterator (a mixture built without a validation split still trains).
-    example = next(data_lib.make_train_iterator(cfg))
+    # Batch shapes from the first batch, then rewind: no second pipeline is opened.
+    position = train_iter.get_state()
+    example = next(train_iter)
+    train_iter.set_state(position)
     b_shard = data_lib.batch_shardings_for(cfg, mesh, data_lib.process_rows(
         example, getattr(train_iter, "per_host", False)))
     if t.objective == "dpo":
@@ -133,6 +135,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     tokens_per_step = t.batch_size * t.seq_len
     writer = MetricsWriter(path, t.tensorboard, is_main)
     gen_hook = GenerationHook(cfg)
+    held_out = HeldOut(cfg)
     prefetch = data_lib.Prefetcher(train_iter, mesh, rules, names)
     step, skipped, preempted = start, 0, False
     pending = None  # (step, device metrics, task mix): logged one step later, never blocking
@@ -173,7 +176,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                 if t.eval_every and step % t.eval_every == 0 and t.objective == "lm":
                     flush(pending)
                     pending = None
-                    last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
+                    last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step, held_out)
                     last_eval.update(gen_hook(state["params"], step))
                     writer.write(last_eval)
                 if preemption.requested or ckpt.reached_preemption(step):
@@ -184,7 +187,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
             if pending is not None:
                 flush(pending)
             if step == t.steps and t.eval_batches and t.objective == "lm" and not (t.eval_every and step % t.eval_every == 0):
-                last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step)
+                last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step, held_out)
                 last_eval.update(gen_hook(state["params"], step))
                 writer.write(last_eval)
             stopped_early = step < t.steps
@@ -257,9 +260,24 @@ class GenerationHook:
         return rec
 
 
-def eval_sums(eval_fn, params, cfg, mesh, batches: int) -> LossSums:
+class HeldOut:
+    """The held-out iterator, opened once (on first use) and rewound before every eval, so each
+    eval sees the same batches without re-opening the sources."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.it, self.start = cfg, None, None
+
+    def batches(self):
+        if self.it is None:
+            self.it = data_lib.make_eval_iterator(self.cfg)
+            self.start = self.it.get_state()
+        self.it.set_state(self.start)
+        return self.it
+
+
+def eval_sums(eval_fn, params, cfg, mesh, batches: int, held_out: HeldOut | None = None) -> LossSums:
     """Loss sums (on the host) over `batches` held-out batches; the same batches every call."""
-    it = data_lib.make_eval_iterator(cfg)
+    it = (held_out or HeldOut(cfg)).batches()
     per_host = getattr(it, "per_host", False)
     total = None
     for _ in range(batches):
@@ -283,9 +301,10 @@ def eval_record(total: LossSums, names, step: int) -> dict:
     return rec
 
 
-def evaluate(eval_fn, params, cfg, mesh, names, step: int) -> dict:
+def evaluate(eval_fn, params, cfg, mesh, names, step: int, held_out: HeldOut | None = None) -> dict:
     """Per-task loss and stream-0 accuracy over cfg.train.eval_batches held-out batches."""
-    rec = eval_record(eval_sums(eval_fn, params, cfg, mesh, cfg.train.eval_batches), names, step)
+    rec = eval_record(eval_sums(eval_fn, params, cfg, mesh, cfg.train.eval_batches, held_out),
+                      names, step)
     print("eval step {}: {}".format(step, " ".join(
         f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith(("eval/loss", "eval/acc")))),
         flush=True)
