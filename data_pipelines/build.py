@@ -18,7 +18,18 @@ Kinds: "captions" (t2a + caption records; `task` = both | t2a | caption), "audio
   OUT/ualm_<kind>/[config/]1.0.0/   the TFDS dataset (ArrayRecord or TFRecord shards)
 Splits: "train", and "validation" when lines say `"split": "validation"` or `eval_fraction` > 0
 (a line's split comes from a hash of its text: deterministic, stable under reordering).
-Rebuilding into the same OUT replaces the previous build.
+Each line is isolated: whatever one line holds (malformed or non-UTF-8 text, JSON nested deeper
+than `max_json_depth`, a line longer than `max_line_bytes`, a number too long to convert, a file
+that breaks a decoder) makes that line a skipped entry with a code and a reason, never stops the
+build. Lines end at \n, \r\n or a lone \r. An empty manifest is a usage error (BuildError).
+
+Builds are transactional: a local build is written into a sibling folder OUT.tmp-XXXXXXXX (marked
+by an `_INCOMPLETE` file while it is written) and swapped in only when complete: the old build's
+report, dataset, stats and Beam log are renamed away (the report first), the new ones renamed in
+(the report last), the old ones deleted; other files in OUT stay. A build that fails or is
+interrupted leaves the previous OUT as it was; a temporary folder left by a killed build is
+removed by the next build into the same OUT. A remote OUT (gs://, no folder renames) is still
+replaced in place.
 
 Scale with Apache Beam (install `tensorflow-datasets[beam]`, i.e. apache-beam; a local build never
 needs it). Pass `beam_options` (a list of pipeline flags or a `PipelineOptions`) and the same
@@ -42,8 +53,10 @@ line's log entry to OUT/_build_log/, which `build` merges into the report afterw
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import tempfile
 from typing import Optional, Sequence, Union
 
@@ -52,6 +65,7 @@ import numpy as np
 FORMATS = ("array_record", "tfrecord")
 REPORT_FILE = "build_report.json"
 STATS_FILE = "stats.json"
+INCOMPLETE_FILE = "_INCOMPLETE"  # in a build's temporary folder until it is complete
 
 
 class BuildError(ValueError):
@@ -81,6 +95,78 @@ def _remove(path: str) -> None:
 
 def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
+
+
+# Transactions ------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_dead_siblings(out_dir: str) -> None:
+    """Temporary folders of earlier builds into out_dir whose process (on this host) is gone."""
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        return
+    for name in os.listdir(parent):
+        if not name.startswith(base + ".tmp-"):
+            continue
+        marker = os.path.join(parent, name, INCOMPLETE_FILE)
+        try:
+            with open(marker) as f:
+                owner = json.load(f)
+            dead = owner.get("host") == socket.gethostname() and not _pid_alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or not readable: leave it
+        if dead:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _begin(out_dir: str) -> str:
+    """A new, empty sibling folder of out_dir to build into, marked incomplete."""
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    _remove_dead_siblings(out_dir)
+    tmp = tempfile.mkdtemp(prefix=base + ".tmp-", dir=parent)
+    with open(os.path.join(tmp, INCOMPLETE_FILE), "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                   "note": f"an unfinished build into {base}; safe to delete"}, f)
+    return tmp
+
+
+def _commit(tmp: str, out_dir: str, build_entries: Sequence[str]) -> None:
+    """Swap the complete build in tmp in for the one in out_dir. A new out_dir is one rename;
+    otherwise the old build's entries are renamed away (its report first), the new ones renamed
+    in (the report last), and the old ones deleted with tmp. What else out_dir holds stays."""
+    os.remove(os.path.join(tmp, INCOMPLETE_FILE))
+    if not os.path.lexists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    replaced = os.path.join(tmp, ".replaced")
+    os.mkdir(replaced)
+    old = [REPORT_FILE] + [n for n in build_entries if n != REPORT_FILE]
+    new = [n for n in os.listdir(tmp) if n not in (REPORT_FILE, ".replaced")] + [REPORT_FILE]
+    moves = [(os.path.join(out_dir, n), os.path.join(replaced, n)) for n in old
+             if os.path.lexists(os.path.join(out_dir, n))]
+    moves += [(os.path.join(tmp, n), os.path.join(out_dir, n)) for n in new]
+    done = []
+    try:
+        for src, dst in moves:
+            os.rename(src, dst)
+            done.append((src, dst))
+    except BaseException:  # put back what moved: the old build stays, the new one in tmp
+        for src, dst in reversed(done):
+            try:
+                os.rename(dst, src)
+            except OSError:
+                pass
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _beam_options(beam_options):
@@ -123,20 +209,24 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
           file_format: str = "array_record", min_seconds: float = 0.1, max_seconds: float = 600.0,
           eval_fraction: float = 0.0, task: Optional[str] = None,
           beam_options: Union[None, str, Sequence[str], object] = None,
-          beam_runner=None) -> dict:
+          beam_runner=None, max_line_bytes: Optional[int] = None,
+          max_json_depth: Optional[int] = None) -> dict:
     """Build `kind` records from `manifest` into `out_dir`; -> the report (also written to
-    out_dir/build_report.json). Bad lines are skipped and listed, never fatal; usage errors raise
-    BuildError before anything is written.
+    out_dir/build_report.json). Bad lines are skipped and listed, never fatal; usage errors
+    (an empty manifest included) raise BuildError before anything is written. A local out_dir is
+    replaced only once the new build is complete: on any failure the previous build stays as it
+    was.
+
+    max_line_bytes / max_json_depth: per-line limits (default MAX_LINE_BYTES, MAX_JSON_DEPTH of
+    data_pipelines.builders.common); a line over one is skipped (line_too_long, too_deep).
 
     codec: a Codec, a codec folder (`load_codec`) or "spectral:DIR"; tokenizer: a TextTokenizer or
     a tokenizer.json path; task: captions -> both | t2a | caption, other kinds -> the task name
     stored in the records (default audio_qa / text_sft / preference).
     """
-    import tensorflow_datasets as tfds
-
     from data_pipelines.builders import BUILDERS
-    from data_pipelines.builders.common import (LOG_DIR, BuildPlan, chunk_outcomes, read_beam_logs,
-                                                scan_manifest, summarize, write_json)
+    from data_pipelines.builders.common import (LOG_DIR, MAX_JSON_DEPTH, MAX_LINE_BYTES, Limits,
+                                                scan_manifest)
 
     manifest, out_dir = os.fspath(manifest), os.fspath(out_dir)
     if not _exists(manifest) or os.path.isdir(manifest):
@@ -145,18 +235,48 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
         raise BuildError(f"file_format must be one of {FORMATS}, got {file_format!r}")
     if not 0.0 <= eval_fraction < 1.0:
         raise BuildError(f"eval_fraction must lie in [0, 1), got {eval_fraction}")
+    try:
+        limits = Limits(MAX_LINE_BYTES if max_line_bytes is None else int(max_line_bytes),
+                        MAX_JSON_DEPTH if max_json_depth is None else int(max_json_depth))
+    except ValueError as e:
+        raise BuildError(str(e)) from e
     converter = make_converter(kind, manifest, codec=codec, tokenizer=tokenizer, n_mels=n_mels,
                                min_seconds=min_seconds, max_seconds=max_seconds, task=task)
     cls = BUILDERS[kind]
+    scan = scan_manifest(manifest, eval_fraction, limits=limits)
+    if scan.lines == 0:
+        raise BuildError(f"manifest is empty: {manifest} (no lines, nothing to build)")
+    settings = dict(file_format=file_format, eval_fraction=eval_fraction,
+                    beam_options=beam_options, beam_runner=beam_runner)
+    if "://" in out_dir:  # no folder renames on object stores: replace in place
+        for stale in (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR):
+            _remove(_join(out_dir, stale))
+        return _write_build(kind, cls, converter, manifest, scan, out_dir, **settings)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise BuildError(f"output folder {out_dir} exists and is not a folder")
+    target = os.path.realpath(out_dir)  # through a link: the build lands where it points
+    tmp = _begin(target)
+    try:
+        report = _write_build(kind, cls, converter, manifest, scan, tmp, **settings)
+        _commit(tmp, target, (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR))
+    except BaseException:
+        replaced = os.path.join(tmp, ".replaced")
+        if not (os.path.isdir(replaced) and os.listdir(replaced)):  # else it holds the old build
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *, file_format: str,
+                 eval_fraction: float, beam_options, beam_runner) -> dict:
+    """Write the dataset, stats and report of one build into out_dir (the report last)."""
+    import tensorflow_datasets as tfds
+
+    from data_pipelines.builders.common import (LOG_DIR, BuildPlan, chunk_outcomes, read_beam_logs,
+                                                summarize, write_json)
+
     use_beam = beam_options is not None or beam_runner is not None
     log_dir = _join(out_dir, LOG_DIR)
-    for stale in (_join(out_dir, cls.name), _join(out_dir, REPORT_FILE), _join(out_dir, STATS_FILE),
-                  log_dir):
-        _remove(stale)
-    if "://" not in out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-
-    scan = scan_manifest(manifest, eval_fraction)
     plan = BuildPlan(converter, manifest, scan, eval_fraction, log_dir if use_beam else None)
     dataset_dir, built = None, []
     if scan.splits:
@@ -174,12 +294,14 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     else:  # no line parsed: no dataset, but every line still gets its entry
         entries = [entry for chunk in scan.chunks
                    for _, entry in chunk_outcomes(converter, manifest, chunk, "train",
-                                                  eval_fraction, True)]
+                                                  eval_fraction, True, scan.limits)]
 
     report, stats = summarize(kind, entries, scan.lines, built)
     report.update({"task": converter.task, "manifest": manifest, "file_format": file_format,
                    "dataset_dir": dataset_dir, "settings": converter.metadata(),
-                   "eval_fraction": eval_fraction})
+                   "eval_fraction": eval_fraction,
+                   "limits": {"max_line_bytes": scan.limits.max_line_bytes,
+                              "max_json_depth": scan.limits.max_json_depth}})
     write_json(_join(out_dir, STATS_FILE), stats)
     write_json(_join(out_dir, REPORT_FILE), report)
     return report
@@ -212,16 +334,37 @@ _INT_FIELDS = ("roles", "modalities", "kinds", "lengths", "text")
 _RECORD_FIELDS = frozenset(("task", "codes", "mel") + _INT_FIELDS)
 
 
+class CorruptRecordError(ValueError):
+    """A stored record that cannot be read back (a truncated or damaged shard)."""
+
+
+_DECODE_ERRORS: tuple = ()
+
+
+def _decode_errors() -> tuple:
+    """What reading a damaged record raises: ArrayRecord's RuntimeError, protobuf's DecodeError,
+    and the IndexError / KeyError / ValueError of decoding an empty or partial example."""
+    global _DECODE_ERRORS
+    if not _DECODE_ERRORS:
+        from google.protobuf.message import DecodeError
+
+        _DECODE_ERRORS = (IndexError, KeyError, ValueError, TypeError, RuntimeError, DecodeError)
+    return _DECODE_ERRORS
+
+
 class RecordSource:
     """Random access over built records (len, [i]), each a numpy dict with `task` as str.
-    Grain can read it directly (`grain.MapDataset.source(src)`).
+    Grain can read it directly (`grain.MapDataset.source(src)`). A record that cannot be decoded
+    (e.g. a truncated shard, which reads back as empty records) raises CorruptRecordError naming
+    the shard file.
 
     Records of the flat schema (records.to_record) are decoded straight from their protobuf
     (~5 us) instead of through TFDS's generic feature decoder (~85 us, a third of a short
     example's whole pipeline cost); other schemas (preference pairs) go through TFDS."""
 
-    def __init__(self, source, features=None):
+    def __init__(self, source, features=None, where: str = ""):
         self._source = source
+        self._where = where
         self._raw = None
         if features is not None and set(features.keys()) == _RECORD_FIELDS \
                 and hasattr(source, "data_source"):
@@ -234,7 +377,23 @@ class RecordSource:
     def __len__(self) -> int:
         return len(self._source)
 
+    def _shard(self, index: int) -> str:
+        """The file holding record `index` (ArrayRecord sources), else the dataset folder."""
+        ds = getattr(self._source, "data_source", self._source)
+        try:
+            reader, _ = ds._reader_idx_and_position(index)
+            return os.fspath(ds._read_instructions[reader].filename)
+        except Exception:  # another source type: name what we know
+            return self._where or "the dataset"
+
+    def _corrupt(self, index: int, e: BaseException) -> CorruptRecordError:
+        return CorruptRecordError(
+            f"record {index} of {self._shard(index)} cannot be read ({type(e).__name__}: {e}): "
+            "the shard is truncated or damaged; rebuild it")
+
     def _decode(self, raw: bytes) -> dict:
+        if not raw:  # ArrayRecord gives b"" for records of a shard that lost its end
+            raise ValueError("empty record")
         f = self._example.FromString(raw).features.feature
         out = {"task": f["task"].bytes_list.value[0].decode("utf-8")}
         for key in _INT_FIELDS:
@@ -247,16 +406,30 @@ class RecordSource:
         return out
 
     def __getitem__(self, index: int) -> dict:
-        if self._raw is not None:
-            return self._decode(self._raw[index])
-        return _decode_text(self._source[index])
+        if not -len(self) <= index < len(self):  # a bad index is the caller's error, as it was
+            return self._decode(self._raw[index]) if self._raw is not None \
+                else _decode_text(self._source[index])
+        try:
+            if self._raw is not None:
+                return self._decode(self._raw[index])
+            return _decode_text(self._source[index])
+        except Exception as e:
+            if isinstance(e, _decode_errors()):
+                raise self._corrupt(index, e) from e
+            raise
 
     def __getitems__(self, indices) -> list:
-        if self._raw is not None:
-            return [self._decode(r) for r in self._raw.__getitems__(list(indices))]
-        getitems = getattr(self._source, "__getitems__", None)
-        recs = getitems(list(indices)) if getitems else [self._source[i] for i in indices]
-        return [_decode_text(r) for r in recs]
+        indices = list(indices)
+        try:
+            if self._raw is not None:
+                return [self._decode(r) for r in self._raw.__getitems__(indices)]
+            getitems = getattr(self._source, "__getitems__", None)
+            recs = getitems(indices) if getitems else [self._source[i] for i in indices]
+            return [_decode_text(r) for r in recs]
+        except Exception:  # find the record at fault, one by one, for a message naming it
+            for i in indices:
+                self[i]
+            raise
 
     def __repr__(self) -> str:
         return f"RecordSource({len(self)} records)"
@@ -273,7 +446,8 @@ def open_source(out_dir: str, split: str = "train") -> RecordSource:
                          "array_record; use open_tf_dataset for tf.data / SeqIO")
     if split not in builder.info.splits:
         raise KeyError(f"no split {split!r} in {out_dir}; built: {list(builder.info.splits.keys())}")
-    return RecordSource(builder.as_data_source(split), builder.info.features)
+    return RecordSource(builder.as_data_source(split), builder.info.features,
+                        where=str(builder.data_dir))
 
 
 def open_tf_dataset(out_dir: str, split: str = "train"):

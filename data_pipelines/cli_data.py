@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
 KINDS = ("captions", "audio-qa", "text-sft", "preference", "reason")
 
@@ -18,15 +20,33 @@ def _build(args) -> int:
 
     import tensorflow_datasets as tfds
 
+    from ualm_jax import storage
+
     tfds.disable_progress_bar()  # one summary line instead of TFDS's per-shard bars
+    remote = storage.is_url(args.out)
+    # Object storage: build on local disk, then upload with the report last (data_pipelines.staging).
+    local_out = tempfile.mkdtemp(prefix="ualm-build-") if remote else args.out
     try:
-        report = build(args.kind, args.manifest, args.out, codec=args.codec, tokenizer=args.tokenizer,
+        if remote:
+            from data_pipelines.staging import check_new_remote
+
+            check_new_remote(args.out)  # before the build, not after it
+        report = build(args.kind, args.manifest, os.path.join(local_out, "build") if remote else local_out,
+                       codec=args.codec, tokenizer=args.tokenizer,
                        n_mels=args.n_mels, file_format=args.format, min_seconds=args.min_seconds,
                        max_seconds=args.max_seconds, eval_fraction=args.eval_fraction,
-                       task=args.task, beam_options=args.beam)
-    except BuildError as e:
+                       task=args.task, beam_options=args.beam,
+                       max_line_bytes=args.max_line_bytes, max_json_depth=args.max_json_depth)
+        if remote:
+            from data_pipelines.staging import upload_build
+
+            upload_build(os.path.join(local_out, "build"), args.out)
+    except (BuildError, FileExistsError) as e:
         print(f"ualm data build: {e}", file=sys.stderr)
         return 2
+    finally:
+        if remote:
+            shutil.rmtree(local_out, ignore_errors=True)
     splits = ", ".join(f"{k} {v['lines']} lines / {v['records']} records"
                        for k, v in report["splits"].items()) or "nothing"
     reasons = ", ".join(f"{k} {n}" for k, n in report["skipped_by_code"].items())
@@ -45,7 +65,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                                    "OUT/stats.json holds records and tokens per split and task.")
     b.add_argument("kind", choices=KINDS)
     b.add_argument("--manifest", required=True, help="JSON lines; audio paths relative to its folder")
-    b.add_argument("--out", required=True, help="output folder (replaced build of the same kind)")
+    b.add_argument("--out", required=True, help="output folder (replaced build of the same kind) or a "
+                   "gs:// URL (built locally, then uploaded with the report last)")
     b.add_argument("--codec", default=None,
                    help="codec folder (X-codec or saved SpectralCodec) or 'spectral:DIR'; needed "
                         "for captions (t2a) and preference")
@@ -60,6 +81,10 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--task", default=None,
                    help="captions: both | t2a | caption (default both); other kinds: the task "
                         "name stored in the records")
+    b.add_argument("--max-line-bytes", type=int, default=None,
+                   help="longer manifest lines are skipped (line_too_long; default 16 MiB)")
+    b.add_argument("--max-json-depth", type=int, default=None,
+                   help="more deeply nested lines are skipped (too_deep; default 64)")
     b.add_argument("--beam", default=None, metavar="FLAGS",
                    help="run with Apache Beam, e.g. --beam='--runner=DirectRunner' "
                         "(see data_pipelines/build.py for Dataflow flags)")

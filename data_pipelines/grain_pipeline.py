@@ -111,7 +111,15 @@ class Renderer:
     """Record dict -> Rendered, through records.from_record + template.render."""
 
     def __init__(self, vocab: JointVocab, layout: AudioLayout, task: int = 0, seed: int = 0,
-                 cfg_dropout: float = 0.0, name: str = ""):
+                 cfg_dropout: float = 0.0, name: str = "", supervise_headers: str = "reasoning",
+                 stream_weights=None):
+        """supervise_headers: data.supervise_headers (assistant | reasoning | none);
+        stream_weights: model.stream_weights resolved (None = 1/K each)."""
+        if supervise_headers not in ("assistant", "reasoning", "none"):
+            raise ValueError(f"supervise_headers={supervise_headers!r} is not one of assistant, "
+                             "reasoning, none")
+        self.supervise_headers = supervise_headers
+        self.stream_weights = None if stream_weights is None else tuple(stream_weights)
         self.vocab, self.layout, self.task, self.seed = vocab, layout, task, seed
         self.cfg_dropout, self.name = float(cfg_dropout), name or f"task {task}"
         self.k = max(vocab.num_codebooks, 1)
@@ -152,8 +160,11 @@ class Renderer:
         rng = KeyedUniform(self.seed, self.task, index) if self.cfg_dropout > 0 else None
         # Reasoning records switch modality inside the assistant turn: the model must learn to
         # choose the next segment's header, so those headers are supervised (UALM-Reason).
+        reason = self.supervise_headers == "reasoning" and is_reason_task(str(rec.get("task", "")))
         ex = render(segments, self.vocab, cfg_dropout_rng=rng, cfg_dropout_prob=self.cfg_dropout,
-                    supervise_continuation_headers=is_reason_task(str(rec.get("task", ""))))
+                    supervise_continuation_headers=reason,
+                    supervise_headers=self.supervise_headers == "assistant",
+                    stream_weights=self.stream_weights)
         clips = []
         if not ex.cfg_dropped:  # a dropped example keeps only its target audio: no encoder input
             t = self.layout.mel_frames
@@ -427,7 +438,8 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
                   seq_len: int, seed: int, n_mels: int = 0, mel_frames: int = 0,
                   frames_per_window: int = 0, process_index: int = 0, process_count: int = 1,
                   split: str = "train", mean_tokens: Optional[Mapping[str, float]] = None,
-                  estimate_records: int = 512, lookahead: Optional[int] = None) -> PackedIterator:
+                  estimate_records: int = 512, lookahead: Optional[int] = None,
+                  stream_weights: Optional[Sequence[float]] = None) -> PackedIterator:
     """The mixture of `cfg_data.mixture` over `sources` (name -> random-access source of record
     dicts: len + getitem), packed into this host's batches of `batch_size` rows.
 
@@ -449,7 +461,9 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
                          int(_get(cfg_data, "max_clips_per_row", 0) or 0))
     cfg_dropout = float(_get(cfg_data, "cfg_dropout", 0.0) or 0.0) if split == "train" else 0.0
     names = [e.name for e in entries]
-    renderers = [Renderer(vocab, layout, i, seed, cfg_dropout, name=f"mixture task {e.name!r}")
+    headers = str(_get(cfg_data, "supervise_headers", "assistant") or "assistant")
+    renderers = [Renderer(vocab, layout, i, seed, cfg_dropout, name=f"mixture task {e.name!r}",
+                          supervise_headers=headers, stream_weights=stream_weights)
                  for i, e in enumerate(entries)]
     fits = {n: functools.partial(r.packed_length, seq_len=seq_len) for n, r in zip(names, renderers)}
     means = mix.resolve_mean_tokens(entries, sources, fits, mean_tokens, estimate_records)
@@ -485,6 +499,8 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
         process_index, process_count = jax.process_index(), jax.process_count()
     if open_source is None:
         from data_pipelines.build import open_source
+    from data_pipelines.staging import local_build_dir
+
     entries = mix.parse_mixture(cfg.data.mixture)
     for i, e in enumerate(entries):
         if not e.path:
@@ -496,12 +512,15 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
     enc = cfg.model.audio_encoder
     audio = dict(n_mels=enc.n_mels, mel_frames=enc.max_mel_frames,
                  frames_per_window=enc.frames_per_window) if enc.enabled else {}
-    return make_iterator({e.name: open_source(e.path, split) for e in entries}, cfg.data,
+    stage = getattr(cfg.data, "stage_dir", "")
+    sources = {e.name: open_source(local_build_dir(e.path, stage, f"data.mixture[{i}].path"), split)
+               for i, e in enumerate(entries)}
+    return make_iterator(sources, cfg.data,
                          JointVocab.from_model_config(cfg.model),
                          cfg.train.batch_size // process_count, cfg.train.seq_len,
                          cfg.seed if split == "train" else cfg.data.eval_seed,
                          process_index=process_index, process_count=process_count, split=split,
-                         **audio)
+                         stream_weights=cfg.model.audio_stream_weights(), **audio)
 
 
 # Measuring what comes out -------------------------------------------------------------------------

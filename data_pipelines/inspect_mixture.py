@@ -14,6 +14,7 @@ import numpy as np
 
 from data_pipelines import mixture as mix
 from data_pipelines.grain_pipeline import make_config_iterator, realised_shares
+from data_pipelines.staging import local_build_dir
 
 
 def _held_out_examples(path: str) -> Optional[int]:
@@ -73,7 +74,8 @@ def inspect_mixture(cfg, batches: int = 20, row: int = 0) -> dict:
     for r in it.report:
         share = realised["shares"].get(r["name"], 0.0)
         avail = r["tokens_available"]
-        tasks.append({**r, "validation_examples": _held_out_examples(r["path"]),
+        tasks.append({**r, "validation_examples": _held_out_examples(
+            local_build_dir(r["path"], cfg.data.stage_dir)),
                       "realised_share": share,
                       "epochs": used * share / avail if avail else float("inf")})
     vocab = JointVocab.from_model_config(cfg.model)

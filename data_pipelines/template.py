@@ -8,7 +8,9 @@ modality), otherwise `<eos>`. Conventions shared with `ualm_jax.train.synthetic`
     holds codebook k's joint ids, delayed by k frames (T frames -> T+K-1 positions, ramp = pad ids).
   * loss_weights [L, K] float32 sit ON THE TARGET token (the weight of predicting tokens[t] from t-1):
     assistant text content and its closing <eos>/<eot> 1.0 in stream 0; assistant audio 1/K in every
-    stream (ramp pads included), so one audio frame weighs as one text token; everything else 0.
+    stream (ramp pads included; `stream_weights` overrides), so one audio frame weighs as one text
+    token; the assistant `<assistant><modality>` header 1.0 in stream 0 only when asked
+    (`supervise_headers`, the reference's default); everything else 0.
   * user audio given as a number of encoder frames occupies that many positions of stream-0 PAD; the
     model replaces their embeddings with adapter outputs (`audio_input_frames` says where).
 """
@@ -93,7 +95,7 @@ def _stream0(ids, weight: float, k: int):
 
 
 def _render_segment(seg: Segment, closer: int, vocab: JointVocab, k: int,
-                    supervise_header: bool):
+                    supervise_header: bool, audio_weights: np.ndarray):
     """-> (rows [n, K], weights [n, K], encoder_slot (offset, n) or None) for one segment."""
     out = seg.role == "assistant"
     header, header_w = _stream0([ROLES[seg.role], MODALITIES[seg.modality]],
@@ -111,7 +113,8 @@ def _render_segment(seg: Segment, closer: int, vocab: JointVocab, k: int,
         slot = (len(header), n)
     else:
         body = _audio_rows(seg, vocab)
-        body_w = np.full(body.shape, 1.0 / k if out else 0.0, np.float32)
+        body_w = np.broadcast_to(audio_weights if out else np.zeros(k, np.float32),
+                                 body.shape).astype(np.float32)
     tail, tail_w = _stream0([closer], float(out), k)
     return (np.concatenate([header, body, tail]), np.concatenate([header_w, body_w, tail_w]), slot)
 
@@ -127,7 +130,8 @@ def _cfg_target(segments: Sequence[Segment]) -> Optional[int]:
 
 def render(segments: Sequence[Segment], vocab: JointVocab, *,
            cfg_dropout_rng: Optional[np.random.Generator] = None, cfg_dropout_prob: float = 0.0,
-           supervise_continuation_headers: bool = False) -> Example:
+           supervise_continuation_headers: bool = False, supervise_headers: bool = False,
+           stream_weights: Optional[Sequence[float]] = None) -> Example:
     """Segments -> Example (tokens [L, K], loss_weights [L, K], encoder slots).
 
     CFG dropout (UALM-Gen): when `cfg_dropout_rng` is given, exactly one uniform is drawn from it
@@ -140,12 +144,19 @@ def render(segments: Sequence[Segment], vocab: JointVocab, *,
     supervise_continuation_headers: also train the `<assistant> <modality>` header of an assistant
     segment that follows another assistant segment (after `<eot>`), so the model learns to switch
     modality inside its own turn (reasoning); off by default, where headers are always forced.
+    supervise_headers: train the header of EVERY assistant segment (`<assistant>` and its modality,
+    weight 1 in stream 0), as the reference does: the model learns to choose the modality.
+    stream_weights: K loss weights of assistant audio positions (default 1/K each).
     """
     if not segments:
         raise ValueError("render needs at least one segment")
     if not 0.0 <= cfg_dropout_prob <= 1.0:
         raise ValueError(f"cfg_dropout_prob must lie in [0, 1], got {cfg_dropout_prob}")
     k = max(vocab.num_codebooks, 1)
+    audio_weights = (np.full(k, 1.0 / k, np.float32) if stream_weights is None
+                     else np.asarray(stream_weights, np.float32))
+    if audio_weights.shape != (k,):
+        raise ValueError(f"stream_weights must hold {k} values, got {audio_weights.shape}")
     bos = np.zeros((1, k), np.int32)
     bos[0, 0] = V.BOS
     rows, weights, slots, spans = [bos], [np.zeros((1, k), np.float32)], [], []
@@ -154,7 +165,8 @@ def render(segments: Sequence[Segment], vocab: JointVocab, *,
         nxt = segments[i + 1] if i + 1 < len(segments) else None
         closer = V.EOT if nxt is not None and nxt.role == seg.role else V.EOS
         continues = i > 0 and segments[i - 1].role == seg.role
-        r, w, slot = _render_segment(seg, closer, vocab, k, supervise_continuation_headers and continues)
+        header = supervise_headers or (supervise_continuation_headers and continues)
+        r, w, slot = _render_segment(seg, closer, vocab, k, header, audio_weights)
         if slot is not None:
             slots.append((cur + slot[0], slot[1]))
         spans.append((cur, cur + len(r)))

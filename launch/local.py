@@ -21,6 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+from shellsafe import reject_control_chars  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -109,6 +112,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_processes < 1 or args.devices_per_process < 1:
         p.error("--num-processes and --devices-per-process must be >= 1")
+    reject_control_chars(args)
     args.port = args.port or free_port()
     if args.dry_run:
         for i in range(args.num_processes):

@@ -14,6 +14,11 @@ jax.distributed.initialize. The job runs in the submit directory (or --workdir),
 this repo on a file system every node sees, as must the run directory.
 
 `--dry-run` prints the script between `# file: PATH` and `# end of file`, then the command.
+
+Values reach the script as data: the training command is shell-quoted, `--workdir` expands
+`$NAME` / `${NAME}` (as its default `$SLURM_SUBMIT_DIR`) and nothing else (no `$(...)`,
+backquotes or globs), and values with control characters (newline, CR, ...) are refused, so none
+adds a line to the script. `--setup` lines are shell code by design and go in as given.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+from shellsafe import reject_control_chars, shell_path  # noqa: E402
 from templating import render  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm.sbatch.tmpl"
@@ -34,7 +40,7 @@ def script(args) -> str:
     extra = [f"#SBATCH --partition={args.partition}"] if args.partition else []
     extra += [f"#SBATCH --account={args.account}"] if args.account else []
     extra += [f"#SBATCH {s}" for s in args.sbatch]
-    setup = [f'cd "{args.workdir}"'] + list(args.setup)
+    setup = [f"cd -- {shell_path(args.workdir)}"] + list(args.setup)
     train = shlex.join([args.ualm, "train", "--config", args.config, "--run-dir", args.run_dir,
                         *args.overrides])
     values = {
@@ -63,7 +69,8 @@ def main(argv=None) -> int:
                    help="extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
     p.add_argument("--setup", action="append", default=[], metavar="LINE",
                    help="shell line run before training, e.g. 'module load cuda' (repeatable)")
-    p.add_argument("--workdir", default="$SLURM_SUBMIT_DIR", help="the repo on a shared file system")
+    p.add_argument("--workdir", default="$SLURM_SUBMIT_DIR",
+                   help="the repo on a shared file system ($NAME / ${NAME} are expanded)")
     p.add_argument("--log-dir", default="logs", help="where SLURM writes the job's output")
     p.add_argument("--port", type=int, default=8476, help="jax coordinator port on the first node")
     p.add_argument("--ualm", default=".venv/bin/ualm", help="the ualm executable (from --workdir)")
@@ -75,6 +82,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
         p.error("--nodes and --gpus-per-node must be >= 1")
+    reject_control_chars(args)
     out = args.out or f"{args.job_name}.sbatch"
     text = script(args)
     cmd = ["sbatch", out]

@@ -13,7 +13,8 @@ nothing; lines starting with `#` are waits the launcher does itself):
    resource `gcloud compute tpus queued-resources create --node-count N` whose slices are the
    TPU VMs NAME-0 .. NAME-(N-1). Without --dry-run an existing slice / queued resource of that
    name is reused; `--reuse` skips the step altogether.
-2. install on every worker (`--worker=all`): the working tree as a tarball (or `git clone`),
+2. install on every worker (`--worker=all`): the working tree as a tarball (packed into a private
+   temporary directory, removed after the copy) or a `git clone`,
    a Python venv (uv fetches Python 3.11+; TPU images ship an older one), then
    `pip install -r requirements.lock jax[tpu]==<pinned jax> -f <libtpu releases>` (the CPU torch
    wheel of the lock comes from the PyTorch CPU index) and `pip install --no-deps -e .`.
@@ -29,20 +30,34 @@ parallel across slices over DCN; FSDP/TP stay inside a slice on ICI) unless the 
 already set a `mesh.dcn.*` size.
 
 The config path is relative to the repo root on the workers (the repo is copied there). The run
-directory should be shared by all workers (a gs:// bucket, or a mounted file system).
+directory should be shared by all workers: a `gs://` URL goes to every worker's command unchanged
+(the workers reach the bucket with the TPU VMs' service account), or a mounted file system.
+
+Every value put into a remote shell line is shell-quoted (`--remote-dir` keeps a leading `~/`
+and `$VAR` expansion); values with control characters (newline, CR, ...) are refused. The
+tarball of the working tree is staged in a private directory (mkdtemp, mode 0700) that is
+removed once it has been copied to the workers.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+from shellsafe import reject_control_chars, shell_path  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
+TARBALL = "ualm-jax.tar.gz"
+# What a dry run prints for the staging directory, which only a real run creates.
+DRY_RUN_STAGE = os.path.join(tempfile.gettempdir(), "ualm-jax-XXXXXXXX")
 LIBTPU_LINKS = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 UV_VERSION = "0.13.8"  # as the Makefile
@@ -97,28 +112,43 @@ def ssh_cmd(args, node: str, command: str) -> list[str]:
             "--worker=all", f"--command={command}"]
 
 
-def tarball(args) -> str:
-    return os.path.join(tempfile.gettempdir(), f"ualm-jax-{args.name}.tar.gz")
+@contextmanager
+def staging_dir():
+    """A fresh private directory (mode 0700, unpredictable name) for the tarball; removed with
+    everything in it on exit. A file planted under a guessable /tmp name cannot redirect it."""
+    d = tempfile.mkdtemp(prefix="ualm-jax-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def pack_cmd(args) -> list[str]:
+def tarball(stage: str) -> str:
+    return os.path.join(stage, TARBALL)
+
+
+def needs_tarball(args) -> bool:
+    return not args.skip_install and not args.git_url
+
+
+def pack_cmd(args, stage: str = DRY_RUN_STAGE) -> list[str]:
     """The working tree (committed or not), without the local venv, git data and runs."""
-    return ["tar", "-czf", tarball(args), "--exclude=./.venv", "--exclude=./.git",
+    return ["tar", "-czf", tarball(stage), "--exclude=./.venv", "--exclude=./.git",
             "--exclude=./runs", "--exclude=__pycache__", "--exclude=*.egg-info", "-C", str(REPO), "."]
 
 
 def install_script(args) -> str:
-    d = args.remote_dir
+    d = shell_path(args.remote_dir, tilde=True)
     if args.git_url:
-        fetch = (f"(test -d {d}/.git || git clone -q {shlex.quote(args.git_url)} {d}) && "
+        fetch = (f"(test -d {d}/.git || git clone -q -- {shlex.quote(args.git_url)} {d}) && "
                  f"git -C {d} fetch -q origin && git -C {d} checkout -q {shlex.quote(args.git_ref)}")
     else:
-        fetch = f"mkdir -p {d} && tar -xzf ~/ualm-jax.tar.gz -C {d}"
+        fetch = f"mkdir -p -- {d} && tar -xzf ~/{TARBALL} -C {d}"
     pip = ".venv/bin/python -m pip install -q"
     return " && ".join([
-        "set -e", fetch, f"cd {d}",
+        "set -e", fetch, f"cd -- {d}",
         f"python3 -m pip install -q --user uv=={UV_VERSION}",
-        f"python3 -m uv venv -q --seed --allow-existing --python {args.python} .venv",
+        f"python3 -m uv venv -q --seed --allow-existing --python {shlex.quote(args.python)} .venv",
         f"{pip} -r requirements.lock {shlex.quote(f'jax[tpu]=={pinned_jax_version()}')} "
         f"-f {LIBTPU_LINKS} --extra-index-url {TORCH_CPU_INDEX}",
         f"{pip} --no-deps -e .",
@@ -149,12 +179,13 @@ def run_script(args) -> str:
                         "--run-dir", args.run_dir, *train_overrides(args)])
     if args.detach:  # survives the ssh session; the log stays on each worker
         train = f"setsid nohup {train} > ~/ualm-train.log 2>&1 < /dev/null &"
-    return f"cd {args.remote_dir} && UALM_DISTRIBUTED=1 {train}"
+    return f"cd -- {shell_path(args.remote_dir, tilde=True)} && UALM_DISTRIBUTED=1 {train}"
 
 
-def plan(args) -> list[tuple[str, list[str] | str]]:
+def plan(args, stage: str = DRY_RUN_STAGE) -> list[tuple[str, list[str] | str]]:
     """(kind, what) in order. kind: cmd (run, stop on failure), create (skipped when the name
-    exists), wait (a poll done here, `what` says for what), start (run concurrently, awaited)."""
+    exists), wait (a poll done here, `what` says for what), start (run concurrently, awaited).
+    `stage`: the directory the tarball is packed into."""
     steps: list[tuple[str, list[str] | str]] = []
     if not args.reuse:
         steps.append(("create", create_cmd(args)))
@@ -162,11 +193,11 @@ def plan(args) -> list[tuple[str, list[str] | str]]:
             steps.append(("wait", f"# wait until queued resource {args.name} is ACTIVE"))
     if not args.skip_install:
         if not args.git_url:
-            steps.append(("cmd", pack_cmd(args)))
+            steps.append(("cmd", pack_cmd(args, stage)))
         for node in node_names(args):
             if not args.git_url:
-                steps.append(("cmd", ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball(args),
-                                      f"{node}:ualm-jax.tar.gz", *gcloud_tail(args), "--worker=all"]))
+                steps.append(("cmd", ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball(stage),
+                                      f"{node}:{TARBALL}", *gcloud_tail(args), "--worker=all"]))
             steps.append(("cmd", ssh_cmd(args, node, install_script(args))))
     steps += [("start", ssh_cmd(args, node, run_script(args))) for node in node_names(args)]
     return steps
@@ -188,6 +219,11 @@ def wait_active(args, timeout_s: int = 6 * 3600) -> None:
 
 
 def execute(args, steps) -> int:
+    return start_all(run_steps(args, steps))
+
+
+def run_steps(args, steps) -> list[list[str]]:
+    """Runs every step but the starts, in order; returns the start commands."""
     starts = []
     for kind, what in steps:
         if kind == "wait":
@@ -199,6 +235,10 @@ def execute(args, steps) -> int:
         else:
             print("+ " + shlex.join(what), flush=True)
             subprocess.run(what, check=True)
+    return starts
+
+
+def start_all(starts) -> int:
     # Every slice runs at once (a multislice job waits for all slices to join).
     procs = [subprocess.Popen(cmd) for cmd in starts]
     codes = [p.wait() for p in procs]
@@ -218,7 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-install", action="store_true", help="workers already have the repo")
     p.add_argument("--git-url", default=None, help="clone this on the workers instead of copying")
     p.add_argument("--git-ref", default="main")
-    p.add_argument("--remote-dir", default="ualm-jax", help="repo directory under the worker's home")
+    p.add_argument("--remote-dir", default="ualm-jax",
+                   help="repo directory under the worker's home (a leading ~/ and $NAME expand)")
     p.add_argument("--python", default="3.11", help="Python version of the workers' venv")
     p.add_argument("--detach", action="store_true",
                    help="start training in the background (log: ~/ualm-train.log on each worker)")
@@ -229,13 +270,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_slices < 1:
         p.error("--num-slices must be >= 1")
+    reject_control_chars(args)
+    if args.git_ref.startswith("-"):
+        raise SystemExit(f"--git-ref {args.git_ref!r}: a ref cannot start with '-'")
     args.version = args.version or default_runtime(args.accelerator_type)
-    steps = plan(args)
     if args.dry_run:
-        for _, what in steps:
+        for _, what in plan(args):
             print(what if isinstance(what, str) else shlex.join(what))
         return 0
-    return execute(args, steps)
+    if not needs_tarball(args):
+        return execute(args, plan(args))
+    with staging_dir() as stage:  # removed once the tarball is on the workers
+        starts = run_steps(args, plan(args, stage))
+    return start_all(starts)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,32 @@
 """`ualm train` on GKE TPU slices: render launch/xpk_jobset.yaml.tmpl and `kubectl apply` it,
 or hand the same command to `xpk workload create` (which builds its own JobSet).
 
-    python launch/xpk.py --name ualm-gen --image REGISTRY/ualm-jax:TAG \
+    python launch/xpk.py --name ualm-gen [--image REGISTRY/ualm-jax:TAG | --project P] \
         [--accelerator-type v5p-128] [--num-slices 2] [--submit kubectl|xpk --cluster C] \
+        [--service-account KSA] [--pvc CLAIM:PATH] \
         --config configs/ualm_gen_1.5b.yaml --run-dir gs://BUCKET/runs/gen [key=value ...] \
         [--out FILE] [--dry-run]
 
 The image must hold this repo installed (`pip install -r requirements.lock jax[tpu]` +
-`pip install --no-deps -e .`). kubectl path: the manifest sets JAX_COORDINATOR_ADDRESS (pod 0 of
+`pip install --no-deps -e .`): the Dockerfile at the repo root builds it, and without `--image`
+the launcher names the image that file's build command tags, gcr.io/PROJECT/ualm-jax:latest
+(PROJECT from `--project`). kubectl path: the manifest sets JAX_COORDINATOR_ADDRESS (pod 0 of
 slice 0 through the JobSet headless service), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
 `ualm train` passes to jax.distributed.initialize. xpk path: UALM_DISTRIBUTED=1, so jax reads
 GKE's TPU_WORKER_ID / TPU_WORKER_HOSTNAMES / MEGASCALE_* itself. Several slices add
 `mesh.dcn.data=N` unless the overrides set a `mesh.dcn.*` size.
+
+Run directory: the hosts of a multi-host job share no file system, so `--run-dir` is a
+`gs://` URL (passed through unchanged; no volume is mounted for it), or a path under a shared
+volume mounted with `--pvc CLAIM:PATH` (a ReadWriteMany PersistentVolumeClaim, e.g. Filestore).
+A local path without such a mount is refused. Credentials for gs://: pods on the host network
+(the default, for DCN bandwidth) get the node pool's service account from GKE; with
+`--service-account KSA` the pods run as that Kubernetes service account on the pod network and
+get its Workload Identity (GKE does not give host-network pods Workload Identity).
+
+Values reach the manifest as quoted YAML scalars and the pod's shell as shell-quoted words (a `$`
+in them is doubled so Kubernetes expands nothing); values with control characters (newline,
+CR, ...) are refused.
 
 `--dry-run` prints the manifest between `# file: PATH` and `# end of file`, then the command.
 """
@@ -20,12 +35,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+from shellsafe import reject_control_chars  # noqa: E402
 from templating import render  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "xpk_jobset.yaml.tmpl"
@@ -37,6 +55,49 @@ TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 12
 TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
                256: "16x16"}
 MEGASCALE_PORT = 8080
+# The image the Dockerfile's build command tags (see its header) and --image's default.
+IMAGE_NAME, IMAGE_TAG = "ualm-jax", "latest"
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def default_image(project: str) -> str:
+    return f"gcr.io/{project}/{IMAGE_NAME}:{IMAGE_TAG}"
+
+
+def is_gcs(run_dir: str) -> bool:
+    return run_dir.startswith("gs://")
+
+
+def parse_pvcs(specs: list[str]) -> list[tuple[str, str]]:
+    """`CLAIM:PATH` -> (claim, normalized absolute mount path)."""
+    out = []
+    for spec in specs:
+        claim, sep, path = spec.partition(":")
+        if not sep or not DNS_LABEL.fullmatch(claim) or not path.startswith("/"):
+            raise SystemExit(f"--pvc {spec!r}: expected CLAIM:/ABSOLUTE/PATH (CLAIM a "
+                             "PersistentVolumeClaim name)")
+        out.append((claim, posixpath.normpath(path)))
+    return out
+
+
+def check_run_dir(args, processes: int) -> None:
+    """Multi-host: a local run dir must lie on a mounted shared volume; gs:// needs nothing."""
+    if is_gcs(args.run_dir) or processes == 1:
+        return
+    mounts = [m for _, m in parse_pvcs(args.pvc)]
+    path = posixpath.normpath(args.run_dir)
+    if not any(path.startswith("/") and posixpath.commonpath([path, m]) == m for m in mounts):
+        raise SystemExit(f"--run-dir {args.run_dir}: the {processes} hosts of this job share no "
+                         "file system; use a gs:// run dir (or mount a shared volume over it "
+                         "with --pvc CLAIM:PATH)")
+
+
+def yaml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid YAML scalar
+
+
+def block(lines: list[str]) -> str:
+    return "\n".join(lines)
 
 
 def slice_shape(accelerator: str, topology: str | None) -> dict:
@@ -68,6 +129,26 @@ def train_cmd(args) -> str:
                        *train_overrides(args)])
 
 
+def pod_settings(args) -> str:
+    if args.service_account:  # Workload Identity: only off the host network
+        return block([f"serviceAccountName: {yaml_str(args.service_account)}",
+                      "hostNetwork: false  # GKE gives host-network pods no Workload Identity"])
+    return block(["hostNetwork: true  # DCN traffic without the pod network's overhead",
+                  "dnsPolicy: ClusterFirstWithHostNet"])
+
+
+def volumes(args) -> tuple[str, str]:
+    """(the container's volumeMounts, the pod's volumes) for --pvc; empty without."""
+    pvcs = parse_pvcs(args.pvc)
+    if not pvcs:
+        return "", ""
+    mounts = ["volumeMounts:"] + [f"- name: run-volume-{i}\n  mountPath: {yaml_str(path)}"
+                                  for i, (_, path) in enumerate(pvcs)]
+    vols = ["volumes:"] + [f"- name: run-volume-{i}\n  persistentVolumeClaim:\n"
+                           f"    claimName: {yaml_str(claim)}" for i, (claim, _) in enumerate(pvcs)]
+    return block(mounts), block(vols)
+
+
 def megascale_env(num_slices: int) -> str:
     if num_slices == 1:
         return ""
@@ -80,13 +161,18 @@ def megascale_env(num_slices: int) -> str:
 def manifest(args) -> str:
     shape = slice_shape(args.accelerator_type, args.topology)
     hosts = shape["hosts_per_slice"]
-    # `$$` reaches the shell as `$` (Kubernetes expands `$(...)` in args).
+    # `$$` reaches the shell as `$` (Kubernetes expands `$(VAR)` in args), so every `$` of the
+    # user's values is doubled: the shell gets them exactly as given.
     script = (f"export JAX_PROCESS_ID=$$((SLICE_ID * {hosts} + JOB_COMPLETION_INDEX)) && "
-              f"exec {train_cmd(args)}")
-    values = {**shape, "name": args.name, "image": args.image, "num_slices": args.num_slices,
+              f"exec {train_cmd(args).replace('$', '$$')}")
+    volume_mounts, pod_volumes = volumes(args)
+    values = {**shape, "name": yaml_str(args.name), "image": yaml_str(args.image),
+              "gke_accelerator": yaml_str(shape["gke_accelerator"]),
+              "topology": yaml_str(shape["topology"]), "num_slices": args.num_slices,
               "num_processes": args.num_slices * hosts, "max_restarts": args.max_restarts,
               "coordinator_port": args.coordinator_port, "megascale_env": megascale_env(args.num_slices),
-              "script": json.dumps(script)}  # a JSON string is a valid YAML scalar
+              "pod_settings": pod_settings(args), "volume_mounts": volume_mounts,
+              "volumes": pod_volumes, "script": yaml_str(script)}
     return render(TEMPLATE.read_text(), values)
 
 
@@ -103,7 +189,9 @@ def xpk_cmd(args) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--name", required=True, help="JobSet / workload name (DNS label)")
-    p.add_argument("--image", required=True, help="container image with the repo installed")
+    p.add_argument("--image", default=None,
+                   help="container image with the repo installed (default, with --project: "
+                        f"{default_image('PROJECT')}, which the Dockerfile builds)")
     p.add_argument("--accelerator-type", default="v5p-128", help="e.g. v5p-128, v5litepod-16")
     p.add_argument("--topology", default=None, help="override the slice topology, e.g. 4x4x4")
     p.add_argument("--num-slices", type=int, default=1)
@@ -112,8 +200,14 @@ def main(argv=None) -> int:
     p.add_argument("--ualm", default="ualm", help="the ualm executable inside the image")
     p.add_argument("--submit", choices=["kubectl", "xpk"], default="kubectl")
     p.add_argument("--cluster", default=None, help="GKE cluster (xpk)")
-    p.add_argument("--project", default=None, help="(xpk)")
+    p.add_argument("--project", default=None, help="(xpk; and the default --image's registry)")
     p.add_argument("--zone", default=None, help="(xpk)")
+    p.add_argument("--service-account", default=None, metavar="KSA",
+                   help="(kubectl) run the pods as this Kubernetes service account, on the pod "
+                        "network, so gs:// access uses its Workload Identity")
+    p.add_argument("--pvc", action="append", default=[], metavar="CLAIM:PATH",
+                   help="(kubectl) mount this PersistentVolumeClaim at PATH in every pod; a "
+                        "local --run-dir of a multi-host job must lie under one (repeatable)")
     p.add_argument("--out", default=None, help="manifest path (default: NAME.jobset.yaml)")
     p.add_argument("--config", required=True, help="config path inside the image")
     p.add_argument("--run-dir", required=True, help="shared run directory, e.g. gs://bucket/run")
@@ -122,9 +216,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_slices < 1:
         p.error("--num-slices must be >= 1")
+    reject_control_chars(args)
+    if args.image is None:
+        if not args.project:
+            raise SystemExit("--image missing: pass --image, or --project for the default "
+                             f"{default_image('PROJECT')}")
+        args.image = default_image(args.project)
+    shape = slice_shape(args.accelerator_type, args.topology)
+    parse_pvcs(args.pvc)
+    check_run_dir(args, args.num_slices * shape["hosts_per_slice"])
     if args.submit == "xpk":
         if not args.cluster:
             p.error("--submit xpk needs --cluster")
+        if args.pvc or args.service_account:
+            raise SystemExit("--pvc and --service-account are for --submit kubectl (xpk builds "
+                             "its own JobSet)")
         cmd = xpk_cmd(args)
         if args.dry_run:
             print(shlex.join(cmd))

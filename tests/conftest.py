@@ -6,6 +6,11 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+# gs:// through fsspec/gcsfs from the first path operation on (see ualm_jax/storage.py), so the
+# session-wide GCS server fixture works whatever ran before it.
+os.environ.setdefault("EPATH_USE_TF", "false")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -44,3 +49,16 @@ def tiny_batch(tiny_cfg):
     b = next(stream_for_model(tiny_cfg, batch=4, seq=64, seed=1))
     b.pop("task_ids")
     return b
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS-compatible server on 127.0.0.1 for the whole session; clients in this process and
+    in child processes (which inherit the environment) reach it instead of Google."""
+    from gcs_server import FakeGcs, restore_env, set_env
+
+    server = FakeGcs()
+    old = set_env(server.env())
+    yield server
+    restore_env(old)
+    server.stop()

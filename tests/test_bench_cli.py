@@ -46,3 +46,15 @@ def test_bench_data_and_compile_print_json():
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
     assert rec["per_chip_bytes"]["total"] > 0 and rec["fits"] is None
+
+
+def test_bench_import_and_export_report_peak_over_model(tmp_path):
+    for what in ("import", "export"):
+        r = _run("bench", what, "--model", "tiny", "--workdir", str(tmp_path / what))
+        assert r.returncode == 0, r.stderr[-2000:]
+        lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        assert len(lines) == 1
+        rec = json.loads(lines[0])
+        assert rec["bench"] == what and rec["model"] == "tiny"
+        assert rec["model_bytes_fp32"] > 0 and rec["peak_rss_bytes"] > 0
+        assert rec["peak_over_model"] == rec["peak_rss_bytes"] / rec["model_bytes_fp32"]

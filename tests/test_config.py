@@ -87,3 +87,51 @@ def test_shipped_configs_use_the_mixture_presets(name):
         assert shares["caption"] + shares["audio_qa"] == pytest.approx(0.277)
         assert shares["t2a"] == pytest.approx(0.331)
         assert shares["text"] == pytest.approx(0.392)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.learning_rate=nan", r"optim.learning_rate=nan must be a finite number >= 0"),
+    ("optim.learning_rate=inf", r"optim.learning_rate=inf must be a finite number >= 0"),
+    ("optim.learning_rate=-1e-4", r"optim.learning_rate=-0.0001 must be a finite number >= 0"),
+    ("optim.eps=0", r"optim.eps=0.0 must be a finite number > 0"),
+    ("optim.eps=inf", r"optim.eps=inf must be a finite number > 0"),
+    ("optim.b2=1", r"optim.b2=1.0 must be a finite number in \[0, 1\)"),
+    ("optim.b1=2", r"optim.b1=2.0 must be a finite number in \[0, 1\)"),
+    ("optim.b1=-0.1", r"optim.b1=-0.1 must be a finite number in \[0, 1\)"),
+    ("optim.clip_norm=-1", r"optim.clip_norm=-1.0 must be a finite number >= 0 \(0 disables clipping\)"),
+    ("optim.clip_norm=nan", r"optim.clip_norm=nan must be a finite number >= 0"),
+    ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 must be a finite number >= 0"),
+    ("optim.end_learning_rate_ratio=1.5", r"optim.end_learning_rate_ratio=1.5 must be a finite number in \[0, 1\]"),
+    ("optim.warmup_steps=-5", r"optim.warmup_steps=-5 must be >= 0"),
+    ("train.min_free_disk_factor=-1", r"train.min_free_disk_factor=-1.0 must be a finite number >= 0"),
+    ("train.min_free_disk_factor=nan", r"train.min_free_disk_factor=nan must be a finite number >= 0"),
+    ("train.seq_len=3", r"train.seq_len=3 must be >= 8"),
+    ("train.probe_timeout_s=0", r"train.probe_timeout_s=0.0 must be a finite number > 0"),
+])
+def test_out_of_range_optimiser_and_train_values_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["model.preset=tiny", override])
+
+
+def test_in_range_edges_are_accepted():
+    cfg = load_config(None, ["model.preset=tiny", "optim.learning_rate=0", "optim.b1=0",
+                             "optim.b2=0.999", "optim.clip_norm=0", "optim.warmup_steps=0",
+                             "optim.weight_decay=0", "optim.end_learning_rate_ratio=1",
+                             "train.min_free_disk_factor=0", "train.seq_len=8"])
+    assert cfg.optim.clip_norm == 0 and cfg.train.seq_len == 8
+
+
+def test_config_without_model_section_is_the_default_preset(tmp_path):
+    from ualm_jax.model.flops import param_count
+    from ualm_jax.model.presets import preset_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 3\n")
+    tiny = preset_config("tiny")
+    for cfg in (load_config(f), load_config(None), load_config(None, ["model.d_ff=128"])):
+        assert cfg.model.preset == "tiny"
+        assert cfg.model == tiny
+        assert param_count(cfg.model) == param_count(load_config(None, ["model.preset=tiny"]).model)
+    assert sum(param_count(tiny).values()) < 10_000_000
+    # Keys without a preset apply on top of the default preset.
+    assert load_config(None, ["model.n_layers=3"]).model.d_model == tiny.d_model

@@ -57,12 +57,15 @@ def test_text_to_audio_and_batch_mode(checkpoint):
     wave, sr = sf.read(out)
     assert sr == 16000 and rec["frames"] >= 1 and len(wave) > 0 and np.isfinite(wave).all()
     prompts = checkpoint / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("a low chirp", "two clicks")))
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("a low chirp", "two clicks"))
+                       + "\n" + json.dumps({"prompt": "a tone", "out": "sub/named.wav"}))
     r = _ualm("generate", "--checkpoint", str(checkpoint / "run"), "--task", "text-to-audio",
               "--prompts", str(prompts), "--out-dir", str(checkpoint / "batch"), "--max-new", "30",
               "--max-audio-frames", "10")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(checkpoint / "batch")) == ["sample_0000.wav", "sample_0001.wav"]
+    assert sorted(os.listdir(checkpoint / "batch")) == ["sample_0000.wav", "sample_0001.wav", "sub"]
+    assert os.listdir(checkpoint / "batch" / "sub") == ["named.wav"]  # a line's out: inside --out-dir
+    assert not (checkpoint / "sub").exists()
 
 
 def test_caption_prints_text(checkpoint):
@@ -80,3 +83,42 @@ def test_missing_tokenizer_is_clear(tmp_path):
     save_params(run / "checkpoints", init_params(build_model(cfg.model), jax.random.key(0)))
     r = _ualm("generate", "--checkpoint", str(run), "--task", "caption", "--audio", "x.wav")
     assert r.returncode == 2 and "no tokenizer" in r.stderr
+
+
+def test_prompt_outputs_stay_inside_the_out_dir(tmp_path):
+    from ualm_jax.cli import read_prompt_lines
+
+    prompts = tmp_path / "p" / "prompts.jsonl"
+    prompts.parent.mkdir()
+    prompts.write_text(json.dumps({"prompt": "a", "out": "x/a.wav"}) + "\n\n"
+                       + json.dumps({"prompt": "b"}) + "\n" + json.dumps({"prompt": "c", "out": "./c.wav"}))
+    items = read_prompt_lines(str(prompts), str(tmp_path / "gen"), True)
+    assert [it["out"] for it in items] == [str(tmp_path / "gen" / "x" / "a.wav"),
+                                          str(tmp_path / "gen" / "sample_0001.wav"),
+                                          str(tmp_path / "gen" / "c.wav")]
+    # No --out-dir: next to the prompts file (not the working directory).
+    assert read_prompt_lines(str(prompts), None, True)[0]["out"] == str(prompts.parent / "x" / "a.wav")
+    for line, match in [({"prompt": "a", "out": "/tmp/evil.wav"}, r"prompts.jsonl:2: out='/tmp/evil.wav' is absolute"),
+                        ({"prompt": "a", "out": "../up.wav"}, r"prompts.jsonl:2: out='../up.wav' leaves"),
+                        ({"prompt": "a", "out": "x/../../up.wav"}, r"prompts.jsonl:2: out='x/../../up.wav' leaves"),
+                        ({"prompt": "a", "out": ""}, r"prompts.jsonl:2: out='' must be a non-empty"),
+                        ({"prompt": "a", "out": "sample_0000.wav"}, r"prompts.jsonl:2: out='sample_0000.wav' is also written by line 1"),
+                        ({"out": "a.wav"}, r"prompts.jsonl:2: needs a 'prompt' string")]:
+        prompts.write_text(json.dumps({"prompt": "first"}) + "\n" + json.dumps(line))
+        with pytest.raises(ValueError, match=match):
+            read_prompt_lines(str(prompts), str(tmp_path / "gen"), True)
+    prompts.write_text("{not json")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: not a JSON object"):
+        read_prompt_lines(str(prompts), None, True)
+
+
+def test_escaping_prompt_output_is_refused_before_loading(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a", "out": "../../etc/x.wav"}))
+    r = _ualm("generate", "--checkpoint", str(tmp_path / "missing"), "--task", "text-to-audio",
+              "--prompts", str(prompts), "--out-dir", str(tmp_path / "gen"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"ualm generate: error: {prompts}:1: out='../../etc/x.wav' leaves {tmp_path / 'gen'} "
+        "(the --out-dir, default the prompts file's folder)"]
+    assert not (tmp_path / "gen").exists()

@@ -88,8 +88,9 @@ def test_batch_contract_shapes_and_dtypes():
 def test_segments_positions_and_content_match_the_template():
     it = iterator()
     names = it.task_names
-    renderers = {n: Renderer(VB, AudioLayout(N_MELS, MEL_FRAMES, FPW, CLIPS), i)
-                 for i, n in enumerate(names)}
+    # The iterator renders with the config's header supervision (data.supervise_headers default).
+    renderers = {n: Renderer(VB, AudioLayout(N_MELS, MEL_FRAMES, FPW, CLIPS), i,
+                             supervise_headers="assistant") for i, n in enumerate(names)}
     for batch in take(it, 5):
         seg, pos = batch["segment_ids"], batch["positions"]
         for r in range(B):

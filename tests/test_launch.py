@@ -4,6 +4,7 @@ runs against stand-in `scontrol`/`srun`; multi-host start-up decisions; and a re
 and trains on exactly the configured global batches."""
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -61,7 +62,8 @@ def test_dry_runs_import_nothing_heavy():
             "assert not heavy, heavy\n")
     common = ["--config", "c.yaml", "--run-dir", "r", "--dry-run"]
     argvs = [[str(LAUNCH / "tpu_vm.py"), "--name", "n", "--zone", "z", *common],
-             [str(LAUNCH / "xpk.py"), "--name", "n", "--image", "i", *common],
+             # multi-host: a gs:// run dir (a local one is refused)
+             [str(LAUNCH / "xpk.py"), "--name", "n", "--image", "i", *common, "--run-dir", "gs://b/r"],
              [str(LAUNCH / "slurm.py"), *common],
              [str(LAUNCH / "local.py"), *common]]
     out = subprocess.run([sys.executable, "-c", code.format(argvs=argvs)], capture_output=True,
@@ -145,7 +147,7 @@ def test_xpk_jobset_manifest():
     # One slice: no Megascale variables, no DCN axis.
     _, body, _ = file_and_commands(dry("xpk.py", "--name", "one", "--image", "i",
                                        "--accelerator-type", "v5litepod-16", "--config", "c.yaml",
-                                       "--run-dir", "r"))
+                                       "--run-dir", "gs://b/r"))
     one = yaml.safe_load(body)["spec"]["replicatedJobs"][0]["template"]["spec"]
     (c,) = one["template"]["spec"]["containers"]
     assert not [e for e in c["env"] if e["name"].startswith("MEGASCALE")]
@@ -221,6 +223,404 @@ def test_local_dry_run():
         assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"].split()
         assert c[m + 1:] == ["ualm_jax.cli", "train", "--config", "c.yaml", "--run-dir", "r",
                              "train.steps=2"]
+
+
+# --------------------------------------------------------------------------------------------
+# gs:// run dirs, the image, hostile input (dry runs and stand-ins; no network)
+# --------------------------------------------------------------------------------------------
+
+
+def refused(script: str, *args: str) -> str:
+    """A dry run that must stop before printing anything; its one-line reason."""
+    out = subprocess.run([sys.executable, str(LAUNCH / script), "--dry-run", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and not out.stdout, (out.returncode, out.stdout)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    """Imports launch/NAME.py as a module, leaving sys.path and sys.modules as they were."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"_launch_{name}", LAUNCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    yield load
+    for k in set(sys.modules) - before:  # the launchers' own modules only
+        if k.startswith("_launch_") or k in ("shellsafe", "templating"):
+            del sys.modules[k]
+
+
+def manifest_pod(text: str) -> dict:
+    _, body, _ = file_and_commands(text)
+    return yaml.safe_load(body)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+
+
+def argv_logger(path: Path, log: Path) -> Path:
+    """An executable that appends its argv (and a few env values, its cwd) to `log` as JSON;
+    as `python3 -m uv venv` it also creates .venv/bin/{python,ualm} (copies of itself)."""
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, shutil, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'argv': [os.path.basename(sys.argv[0])] + sys.argv[1:],\n"
+        "                        'cwd': os.getcwd(), 'pid': os.environ.get('JAX_PROCESS_ID'),\n"
+        "                        'dist': os.environ.get('UALM_DISTRIBUTED')}) + '\\n')\n"
+        "if sys.argv[1:4] == ['-m', 'uv', 'venv']:\n"
+        "    os.makedirs('.venv/bin', exist_ok=True)\n"
+        "    for name in ('python', 'ualm'):\n"
+        "        shutil.copy(sys.argv[0], os.path.join('.venv/bin', name))\n")
+    path.chmod(0o755)
+    return path
+
+
+def logged(log: Path) -> list[dict]:
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def planted(root: Path) -> list[Path]:
+    """Files an injected `touch PWNED...` would have made."""
+    return [p for p in root.rglob("*") if p.name.startswith("PWNED")]
+
+
+def test_xpk_gs_run_dir_needs_no_volume():
+    run = "gs://b/run"
+    for extra in ([], ["--num-slices", "2"], ["--service-account", "trainer"]):
+        text = dry("xpk.py", "--name", "g", "--image", "i", *extra, "--config", "c.yaml",
+                   "--run-dir", run)
+        pod = manifest_pod(text)
+        (c,) = pod["containers"]
+        assert "volumes" not in pod and "volumeMounts" not in c  # nothing mounted for it
+        body = [x for x in text.splitlines() if not x.lstrip().startswith("#")]
+        assert not [x for x in body if "volume" in x.lower() or "hostpath" in x.lower()]
+        argv = shlex.split(c["args"][0].split("exec ", 1)[1])
+        assert argv[argv.index("--run-dir") + 1] == run
+    (cmd,) = [shlex.split(x) for x in dry(
+        "xpk.py", "--submit", "xpk", "--cluster", "c", "--name", "g", "--image", "i",
+        "--config", "c.yaml", "--run-dir", run).splitlines()]
+    argv = shlex.split(remote_command(cmd))
+    assert argv[argv.index("--run-dir") + 1] == run
+
+
+def test_xpk_local_run_dir_needs_a_shared_volume():
+    base = ["--name", "l", "--image", "i", "--config", "c.yaml", "--run-dir", "/shared/run"]
+    for extra in ([], ["--submit", "xpk", "--cluster", "c"], ["--pvc", "runs:/other"]):
+        line = refused("xpk.py", *base, *extra)
+        assert "--run-dir /shared/run" in line and "16 hosts" in line and "gs://" in line
+    assert "gs://" in refused("xpk.py", *base[:-1], "relative/run", "--pvc", "runs:/shared")
+    assert "--pvc" in refused("xpk.py", *base, "--pvc", "no-path")
+    assert "--submit kubectl" in refused("xpk.py", *base, "--pvc", "runs:/shared",
+                                         "--submit", "xpk", "--cluster", "c")
+    # An explicit shared volume over it: mounted in every pod.
+    pod = manifest_pod(dry("xpk.py", *base, "--pvc", "runs:/shared/"))
+    (c,) = pod["containers"]
+    assert c["volumeMounts"] == [{"name": "run-volume-0", "mountPath": "/shared"}]
+    assert pod["volumes"] == [{"name": "run-volume-0",
+                               "persistentVolumeClaim": {"claimName": "runs"}}]
+    # One host in all: nothing to share with, a local path is fine.
+    pod = manifest_pod(dry("xpk.py", "--name", "s", "--image", "i", "--accelerator-type",
+                           "v5litepod-8", "--config", "c.yaml", "--run-dir", "runs/x"))
+    assert pod["containers"][0]["resources"]["limits"]["google.com/tpu"] == 8
+    assert "volumes" not in pod
+
+
+def test_xpk_service_account_leaves_the_host_network():
+    pod = manifest_pod(dry("xpk.py", "--name", "n", "--image", "i", "--config", "c.yaml",
+                           "--run-dir", "gs://b/r"))
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "serviceAccountName" not in pod
+    pod = manifest_pod(dry("xpk.py", "--name", "n", "--image", "i", "--service-account",
+                           "ualm-trainer", "--config", "c.yaml", "--run-dir", "gs://b/r"))
+    assert pod["serviceAccountName"] == "ualm-trainer"
+    assert pod["hostNetwork"] is False and "dnsPolicy" not in pod
+
+
+def test_xpk_default_image_is_the_dockerfile_tag(launcher):
+    xpk = launcher("xpk")
+    text = (REPO / "Dockerfile").read_text()
+    (built,) = re.findall(r"^#\s+docker build -t (\S+) \.$", text, re.M)
+    (pushed,) = re.findall(r"^#\s+docker push (\S+)$", text, re.M)
+    assert built == pushed == xpk.default_image("PROJECT") == "gcr.io/PROJECT/ualm-jax:latest"
+    pod = manifest_pod(dry("xpk.py", "--name", "n", "--project", "PROJECT", "--config", "c.yaml",
+                           "--run-dir", "gs://b/r"))
+    assert pod["containers"][0]["image"] == built
+    (cmd,) = [shlex.split(x) for x in dry(
+        "xpk.py", "--submit", "xpk", "--cluster", "c", "--project", "PROJECT", "--name", "n",
+        "--config", "c.yaml", "--run-dir", "gs://b/r").splitlines()]
+    assert f"--docker-image={built}" in cmd
+    assert "--project" in refused("xpk.py", "--name", "n", "--config", "c.yaml",
+                                  "--run-dir", "gs://b/r")
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    out, cur = [], ""
+    for line in text.splitlines():
+        if not cur and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        cur += line.strip()
+        if cur.endswith("\\"):
+            cur = cur[:-1].rstrip() + " "
+            continue
+        op, _, rest = cur.partition(" ")
+        out.append((op.upper(), rest.strip()))
+        cur = ""
+    return out
+
+
+def test_dockerfile_builds_the_locked_project(launcher):
+    """What can be checked without a Docker engine: the pins installed first, then the project
+    with --no-deps, `ualm` as the entrypoint, every COPY source present."""
+    tpu_vm = launcher("tpu_vm")
+    ins = dockerfile_instructions((REPO / "Dockerfile").read_text())
+    ops = [op for op, _ in ins]
+    assert ops[0] == "FROM" and re.fullmatch(r"python:3\.1[1-9][-\w.]*", ins[0][1])
+    assert ops.count("FROM") == 1
+    runs = [(i, a) for i, (op, a) in enumerate(ins) if op == "RUN"]
+    (i_deps, deps), = [(i, a) for i, a in runs if "-r requirements.lock" in a]
+    assert "pip install" in deps and ("-r requirements-tpu.txt" in deps or "jax[tpu]" in deps)
+    assert "jax[tpu]" in (REPO / "requirements-tpu.txt").read_text()
+    assert f"-f {tpu_vm.LIBTPU_LINKS}" in deps and f"--extra-index-url {tpu_vm.TORCH_CPU_INDEX}" in deps
+    (i_proj, proj), = [(i, a) for i, a in runs if "--no-deps" in a]
+    assert "pip install --no-deps" in proj and proj.split()[-1] == "."
+    copies = [(i, a.split()) for i, (op, a) in enumerate(ins) if op == "COPY"]
+    (i_reqs, reqs), = [(i, a) for i, a in copies if "requirements.lock" in a]
+    assert "requirements-tpu.txt" in reqs and i_reqs < i_deps
+    (i_all, _), = [(i, a) for i, a in copies if a[0] == "."]
+    assert i_deps < i_all < i_proj  # the pins' layer does not depend on the source
+    for _, a in copies:
+        assert all((REPO / src).exists() for src in a[:-1] if not src.startswith("--")), a
+    (entry,) = [a for op, a in ins if op == "ENTRYPOINT"]
+    assert json.loads(entry) == ["ualm"]
+    assert "ualm=ualm_jax.cli:main" in (REPO / "setup.py").read_text()
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+def test_tpu_vm_gs_run_dir_reaches_every_worker():
+    for extra in ([], ["--detach"], ["--git-url", "https://example.com/u.git"]):
+        out = dry("tpu_vm.py", "--name", "g", "--zone", "z", "--num-slices", "3", *extra,
+                  "--config", "configs/demo.yaml", "--run-dir", "gs://b/run")
+        starts = [shlex.split(x) for x in out.splitlines() if "ualm train" in x]
+        assert [c[5] for c in starts] == ["g-0", "g-1", "g-2"]
+        for c in starts:
+            assert "--worker=all" in c
+            cmd = remote_command(c)
+            assert " --run-dir gs://b/run " in cmd
+            argv = shlex.split(cmd.split("&&")[-1])
+            assert argv[argv.index("--run-dir") + 1] == "gs://b/run"
+
+
+@pytest.mark.parametrize("remote_dir,where", [
+    ("x; touch PWNED1", "x; touch PWNED1"),
+    ("~/r $(touch PWNED2) `touch PWNED3` *", "r $(touch PWNED2) `touch PWNED3` *"),
+])
+def test_tpu_vm_remote_commands_keep_hostile_values_literal(tmp_path, remote_dir, where):
+    """The install and run commands, executed by bash against stand-ins for python3, tar and
+    ualm, get every value as one literal word: nothing is run that was not meant to be."""
+    home, bin_, log = tmp_path / "home", tmp_path / "bin", tmp_path / "log"
+    home.mkdir()
+    bin_.mkdir()
+    for name in ("python3", "tar"):
+        argv_logger(bin_ / name, log)
+    run_dir, override = "gs://b/$(touch PWNED4); x", "a=b; touch PWNED5"
+    out = dry("tpu_vm.py", "--name", "h", "--zone", "z", "--remote-dir", remote_dir,
+              "--python", "3.11; touch PWNED6", "--config", "configs/demo.yaml",
+              "--run-dir", run_dir, override)
+    ssh = [shlex.split(x) for x in out.splitlines() if " ssh " in x]
+    install, run = (remote_command(c) for c in ssh)
+    env = {"HOME": str(home), "PATH": f"{bin_}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+    for cmd in (install, run):
+        res = subprocess.run(["bash", "-c", cmd], cwd=home, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+    assert not planted(tmp_path)
+    d = home / where
+    assert d.is_dir()
+    calls = logged(log)
+    tar_dir = str(d) if remote_dir.startswith("~/") else where  # ~ expanded, the rest literal
+    assert calls[0]["argv"] == ["tar", "-xzf", f"{home}/ualm-jax.tar.gz", "-C", tar_dir]
+    (venv,) = [c["argv"] for c in calls if c["argv"][1:4] == ["-m", "uv", "venv"]]
+    assert venv[venv.index("--python") + 1] == "3.11; touch PWNED6"
+    (train,) = [c for c in calls if c["argv"][0] == "ualm"]
+    assert train["cwd"] == str(d) and train["dist"] == "1"
+    assert train["argv"][1:] == ["train", "--config", "configs/demo.yaml", "--run-dir", run_dir,
+                                 override]
+    # The detached form and the git path parse as shell too.
+    for extra in (["--detach"], ["--git-url", "https://h/$(touch PWNED7).git",
+                                 "--git-ref", "v1; touch PWNED8"]):
+        out = dry("tpu_vm.py", "--name", "h", "--zone", "z", "--remote-dir", remote_dir, *extra,
+                  "--config", "c.yaml", "--run-dir", run_dir)
+        for c in (shlex.split(x) for x in out.splitlines() if " ssh " in x):
+            res = subprocess.run(["bash", "-n", "-c", remote_command(c)], capture_output=True,
+                                 text=True, timeout=30)
+            assert res.returncode == 0, res.stderr
+        if "--git-url" in extra:
+            assert "git clone -q -- 'https://h/$(touch PWNED7).git'" in out.replace("'\"'\"'", "'")
+    assert "--git-ref" in refused("tpu_vm.py", "--name", "h", "--zone", "z", "--git-url", "u",
+                                  "--git-ref=--upload-pack=x", "--config", "c", "--run-dir", "r")
+
+
+def slurm_stand_ins(tmp_path: Path) -> dict:
+    """scontrol and srun stand-ins (as in test_slurm_script_wiring); the env to run under."""
+    (tmp_path / "scontrol").write_text('#!/bin/bash\necho gpu-node-7\necho gpu-node-8\n')
+    (tmp_path / "srun").write_text(
+        '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+        'for ((i = 0; i < SLURM_NTASKS; i++)); do\n'
+        '  SLURM_PROCID=$i SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) "$@"\ndone\n')
+    for f in ("scontrol", "srun"):
+        (tmp_path / f).chmod(0o755)
+    return {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+            "SLURM_JOB_NODELIST": "gpu-node-[7-8]", "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "1", "SLURM_SUBMIT_DIR": str(tmp_path)}
+
+
+def test_slurm_script_keeps_hostile_values_literal(tmp_path):
+    env = slurm_stand_ins(tmp_path)
+    log = tmp_path / "log"
+    ualm = argv_logger(tmp_path / "my ualm; touch PWNED0", log)
+    work = tmp_path / "w $(touch PWNED1); `touch PWNED2` *"
+    work.mkdir()
+    (tmp_path / "sub").mkdir()
+    run_dir, override = "/r $(touch PWNED3)'", "x=1; touch PWNED4"
+    for workdir, cwd in ((str(work), work), ("${UALM_T_ROOT}/sub", tmp_path / "sub"),
+                         ("$SLURM_SUBMIT_DIR", tmp_path)):
+        path, body, _ = file_and_commands(dry(
+            "slurm.py", "--nodes", "2", "--gpus-per-node", "1", "--workdir", workdir,
+            "--ualm", str(ualm), "--out", str(tmp_path / "job.sbatch"),
+            "--config", "c.yaml", "--run-dir", run_dir, override))
+        Path(path).write_text(body)
+        assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
+        log.unlink(missing_ok=True)
+        out = subprocess.run(["bash", path], env={**env, "UALM_T_ROOT": str(tmp_path)},
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        calls = logged(log)
+        assert [c["pid"] for c in calls] == ["0", "1"]
+        for c in calls:
+            assert c["cwd"] == str(cwd)
+            assert c["argv"][1:] == ["train", "--config", "c.yaml", "--run-dir", run_dir, override]
+    assert not planted(tmp_path)
+
+
+def test_xpk_pod_script_keeps_hostile_values_literal(tmp_path):
+    """The container's script after Kubernetes' own `$(VAR)` / `$$` expansion, run by bash:
+    the user's values arrive exactly as given."""
+    log = tmp_path / "log"
+    ualm = argv_logger(tmp_path / "ualm", log)
+    run_dir = "gs://b/$(touch PWNED1) `touch PWNED2`; $HOME $(JOBSET_NAME) $$"
+    override = "k=$(SLICE_ID) 'q"
+    text = dry("xpk.py", "--name", "h", "--image", "reg/u:1 # not a comment", "--num-slices", "2",
+               "--ualm", str(ualm), "--config", "c.yaml", "--run-dir", run_dir, override)
+    pod = manifest_pod(text)
+    (c,) = pod["containers"]
+    assert c["image"] == "reg/u:1 # not a comment"
+    env = {"JOBSET_NAME": "h", "REPLICATED_JOB_NAME": "slice", "SLICE_ID": "1",
+           "JOB_COMPLETION_INDEX": "2"}
+
+    def k8s_expand(s: str) -> str:  # Kubernetes' rule for command/args
+        return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                      lambda m: "$" if m.group() == "$$" else env.get(m.group(1), m.group()), s)
+
+    script = k8s_expand(c["args"][0])
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=60)
+    assert res.returncode == 0, res.stderr
+    (call,) = logged(log)
+    assert call["pid"] == "18"  # slice 1 * 16 hosts + pod 2
+    assert call["argv"][1:] == ["train", "--config", "c.yaml", "--run-dir", run_dir, override,
+                                "mesh.dcn.data=2"]
+    assert not planted(tmp_path)
+
+
+@pytest.mark.parametrize("script,args,flag", [
+    ("slurm.py", ["--job-name", "ualm\n#SBATCH --exclusive"], "--job-name"),
+    ("slurm.py", ["--workdir", "/w\rx"], "--workdir"),
+    ("slurm.py", ["--setup", "module load a\u2028b"], "--setup"),
+    ("tpu_vm.py", ["--name", "n", "--zone", "z", "--remote-dir", "d\ntouch x"], "--remote-dir"),
+    ("tpu_vm.py", ["--name", "n\n", "--zone", "z"], "--name"),
+    ("xpk.py", ["--name", "n", "--image", "i\n  evil: 1"], "--image"),
+    ("xpk.py", ["--name", "n", "--image", "i", "a=1\nb=2"], "override"),
+    ("local.py", ["--port", "1", "a=\x1b[2J"], "override"),
+])
+def test_control_characters_are_refused(script, args, flag):
+    line = refused(script, "--config", "c.yaml", "--run-dir", "gs://b/r", *args)
+    assert flag in line and "control character" in line
+
+
+def test_tpu_vm_tarball_is_staged_privately(tmp_path, launcher, monkeypatch):
+    """The tarball is packed into a fresh 0700 directory that is gone afterwards, failure or
+    not; a symlink planted at the old predictable /tmp name is never followed."""
+    import stat
+    import tempfile
+    import types
+    import uuid
+
+    tpu_vm = launcher("tpu_vm")
+    with tpu_vm.staging_dir() as a, tpu_vm.staging_dir() as b:
+        assert a != b
+        for d in (a, b):
+            st = os.lstat(d)
+            assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+            assert st.st_uid == os.getuid()
+            assert Path(d).parent == Path(tempfile.gettempdir())
+    assert not os.path.exists(a) and not os.path.exists(b)
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    victim = tmp_path / "victim"
+    old = Path(tempfile.gettempdir()) / f"ualm-jax-{name}.tar.gz"
+    old.symlink_to(victim)
+    try:
+        real_run, seen = subprocess.run, []
+
+        def fake_run(cmd, *a, **kw):  # pack for real (local only); no gcloud
+            seen.append(cmd)
+            if cmd[0] == "tar":
+                stage = Path(cmd[2]).parent
+                assert stat.S_IMODE(os.lstat(stage).st_mode) == 0o700
+                return real_run(cmd, *a, **kw)
+            if cmd[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]:
+                assert Path(cmd[5]).is_file() and not Path(cmd[5]).is_symlink()
+                if fail:
+                    raise subprocess.CalledProcessError(1, cmd)
+            return subprocess.CompletedProcess(cmd, 0)
+
+        class FakePopen:
+            def __init__(self, cmd):
+                seen.append(cmd)
+
+            def wait(self):
+                return 0
+
+        monkeypatch.setattr(tpu_vm, "subprocess", types.SimpleNamespace(
+            run=fake_run, Popen=FakePopen, CalledProcessError=subprocess.CalledProcessError))
+        argv = ["--name", name, "--zone", "z", "--reuse", "--num-slices", "2",
+                "--config", "configs/demo.yaml", "--run-dir", "gs://b/r"]
+        for fail in (False, True):
+            seen.clear()
+            if fail:
+                with pytest.raises(subprocess.CalledProcessError):
+                    tpu_vm.main(argv)
+            else:
+                assert tpu_vm.main(argv) == 0
+            (pack,) = [c for c in seen if c[0] == "tar"]
+            tarball = Path(pack[2])
+            assert tarball.name == "ualm-jax.tar.gz" and name not in str(tarball)
+            scps = [c for c in seen if "scp" in c]
+            assert [c[5] for c in scps] == [str(tarball)] * (1 if fail else 2)
+            assert not tarball.parent.exists()  # removed, with the tarball
+            assert len([c for c in seen if "ualm train" in " ".join(c)]) == (0 if fail else 2)
+        assert old.is_symlink() and not victim.exists()
+    finally:
+        old.unlink()
 
 
 # --------------------------------------------------------------------------------------------

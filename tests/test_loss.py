@@ -7,10 +7,27 @@ from ualm_jax.model.loss import loss_sums
 from ualm_jax.model.vocab import JointVocab
 
 
-def numpy_loss(h, head, stream_emb, tokens, weights, seg, vocab, objective):
+def numpy_intervals(vocab, max_interval):
+    """The reference's grouping of codebook intervals into loss intervals (0: one interval)."""
+    starts = [vocab.codebook_start(j) for j in range(vocab.num_codebooks)]
+    if not max_interval:
+        return [(starts[0], vocab.size)]
+    out, cur = [], starts[0]
+    for j in range(1, len(starts)):
+        end = starts[j] + vocab.codebook_stride
+        if end - cur > max_interval:
+            out.append((cur, end))
+            cur = end
+    if vocab.size > cur:
+        out.append((cur, vocab.size))
+    return out
+
+
+def numpy_loss(h, head, stream_emb, tokens, weights, seg, vocab, objective, max_interval=0):
     """Straightforward loops: full logits per (row, position, stream), softmax over the
     allowed id range, weight of the target token, normalised by stream-0-weighted targets."""
     b, l, k = tokens.shape
+    intervals = numpy_intervals(vocab, max_interval)
     total, count = 0.0, 0
     for r in range(b):
         for t in range(l - 1):
@@ -31,8 +48,10 @@ def numpy_loss(h, head, stream_emb, tokens, weights, seg, vocab, objective):
                 elif objective == "consistent":
                     lo = vocab.codebook_start(s)
                     hi = lo + vocab.codebook_stride
-                else:
+                elif s == 0:
                     lo, hi = vocab.audio_offset, vocab.size
+                else:  # the loss interval holding the target
+                    lo, hi = next((a, z) for a, z in intervals if a <= target < z)
                 assert lo <= target < hi
                 z = logits[lo:hi]
                 lse = np.log(np.exp(z - z.max()).sum()) + z.max()
@@ -61,6 +80,29 @@ def test_loss_matches_numpy(tiny_batch, objective, chunk):
     np.testing.assert_allclose(float(sums.total / sums.count), expected, rtol=2e-5)
     # The batch really holds audio targets in every stream, and text targets in stream 0.
     assert (np.asarray(sums.per_stream_weight) > 0).all()
+
+
+@pytest.mark.parametrize("objective", ["reference", "modality"])
+def test_loss_intervals_match_numpy(tiny_batch, objective):
+    """model.max_loss_interval=70 over 4 codebooks of 33 ids: intervals of 3 + 1 codebooks, as
+    the reference splits them; each stream-k target is softmaxed within its own interval."""
+    vocab = JointVocab(text_vocab_size=512, num_codebooks=4, codebook_size=32)
+    assert vocab.audio_loss_intervals(70) == numpy_intervals(vocab, 70) == [
+        (vocab.codebook_start(0), vocab.codebook_start(3)), (vocab.codebook_start(3), vocab.size)]
+    rng = np.random.default_rng(2)
+    b, l, k = tiny_batch["tokens"].shape
+    h = rng.standard_normal((b, l, 16)).astype(np.float32)
+    head = rng.standard_normal((vocab.padded_size, 16)).astype(np.float32)
+    emb = rng.standard_normal((k, 16)).astype(np.float32)
+    emb[0] = 0.0
+    sums = loss_sums(jnp.asarray(h), jnp.asarray(head), jnp.asarray(emb), tiny_batch, vocab,
+                     objective, 16, max_interval=70)
+    expected, count = numpy_loss(h, head, emb, tiny_batch["tokens"], tiny_batch["loss_weights"],
+                                 tiny_batch["segment_ids"], vocab, objective, 70)
+    np.testing.assert_allclose(float(sums.total / sums.count), expected, rtol=2e-5)
+    whole = loss_sums(jnp.asarray(h), jnp.asarray(head), jnp.asarray(emb), tiny_batch, vocab,
+                      objective, 16)
+    assert float(whole.total) > float(sums.total)  # smaller softmaxes, smaller CE
 
 
 def test_objectives_differ_on_audio(tiny_batch):

@@ -146,8 +146,88 @@ def test_nan_steps_are_skipped_or_stop(tmp_path):
     recs = [json.loads(x) for x in open(tmp_path / "skip" / "metrics.jsonl") if '"skipped"' in x]
     assert recs[-1]["skipped_steps"] == out["skipped_steps"]
     cfg.train.nan_policy = "stop"
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss or gradient at step \d+ .*task mix"):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss, gradient or update at step \d+ .*task mix"):
         train(cfg, tmp_path / "stop")
+
+
+def test_non_finite_update_with_finite_loss_and_gradient_is_skipped(tmp_path):
+    # eps=0 (refused at load; set behind validation's back here) divides 0 by 0 in AdamW for every
+    # parameter with a zero gradient (unused vocabulary rows): loss and gradient stay finite, the
+    # update does not. It must never reach the weights or the checkpoint.
+    cfg = cfg_with("train.steps=2")
+    cfg.optim.eps = 0.0
+    out = train(cfg, tmp_path / "skip")
+    assert out["skipped_steps"] == 2
+    recs = [json.loads(x) for x in open(tmp_path / "skip" / "metrics.jsonl") if '"skipped"' in x]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in recs)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"]["params"]))
+    model, tx, _, _ = build_components(cfg)
+    shardings, _ = state_shardings(model, tx, make_mesh(cfg.mesh), cfg.mesh.rules)
+    init = create_state(model, tx, shardings, jax.random.key(cfg.seed))
+    assert params_equal(out["state"]["params"], init["params"])  # never updated
+    cfg.train.nan_policy = "stop"
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss, gradient or update at step 1 "):
+        train(cfg, tmp_path / "stop")
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler installed (Linux /proc SigCgt mask)."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def test_sigterm_during_start_up_exits_zero_with_nothing_trained(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cmd = [sys.executable, "-m", "ualm_jax.cli", "train", "--run-dir", str(run), "train.steps=5"] + BASE
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    # As soon as the handler is in (the first thing `ualm train` does; /proc tells), or after 1 s.
+    while time.time() - started < (30 if os.path.exists(f"/proc/{proc.pid}/status") else 1):
+        if _catches_sigterm(proc.pid):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped before the first step: nothing was trained" in out
+    assert "preempted: saved step" not in out
+    assert not (run / "checkpoints").exists() or \
+        not Checkpointer(run / "checkpoints", read_only=True).all_steps()
+
+
+def test_sigterm_recorded_before_the_loop_stops_before_the_first_step(tmp_path, monkeypatch):
+    from ualm_jax import sigterm
+    from ualm_jax.train import data as data_lib
+
+    train(cfg_with("train.steps=1"), tmp_path)  # a resumed run: its checkpoint stays as it was
+    before = Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()
+    opened = data_lib.make_train_iterator
+
+    def open_then_terminated(cfg):  # SIGTERM arrives in the middle of set-up
+        it = opened(cfg)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return it
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", open_then_terminated)
+    sigterm.install()
+    try:
+        out = train(cfg_with("train.steps=3"), tmp_path)
+        assert out["nothing_trained"] and out["preempted"] and out["step"] == 1
+        assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == before == [1]
+        # Recorded before train() starts: it returns at once, touching nothing.
+        assert train(cfg_with("train.steps=3"), tmp_path / "fresh")["nothing_trained"]
+        assert not (tmp_path / "fresh").exists()
+    finally:
+        sigterm.restore()
+    assert not sigterm.requested()
 
 
 def test_run_dir_errors(tmp_path):
@@ -186,3 +266,54 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert "preempted: saved step" in out
     steps = Checkpointer(run / "checkpoints", read_only=True).all_steps()
     assert len(steps) == 1 and 3 <= steps[0] < 100000
+
+
+def test_one_trainer_per_run_dir_and_stale_leases_are_taken_over(tmp_path):
+    import socket
+
+    from ualm_jax.train.lease import LEASE_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = cfg_with("train.steps=1")
+    # A live holder on this host (this test's parent process stands in for another trainer).
+    live = {"host": socket.gethostname(), "pid": os.getppid(), "started": time.time(),
+            "heartbeat": time.time()}
+    (run / LEASE_FILE).write_text(json.dumps(live))
+    with pytest.raises(ConfigError, match=rf"in use by another trainer \(host {socket.gethostname()}, "
+                                          rf"pid {os.getppid()}, started"):
+        train(cfg, run)
+    # Another host with a fresh heartbeat: refused; with a stale one: taken over.
+    (run / LEASE_FILE).write_text(json.dumps({**live, "host": "elsewhere", "pid": 1}))
+    with pytest.raises(ConfigError, match="host elsewhere, pid 1"):
+        train(cfg, run)
+    (run / LEASE_FILE).write_text(json.dumps({**live, "host": "elsewhere", "heartbeat": time.time() - 600}))
+    assert train(cfg, run)["step"] == 1
+    assert not (run / LEASE_FILE).exists()  # released at the end
+    # A holder on this host whose process is gone: taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / LEASE_FILE).write_text(json.dumps({**live, "pid": dead.pid}))
+    assert train(cfg_with("train.steps=2"), run)["step"] == 2
+
+
+def test_a_second_trainer_on_a_live_run_dir_refuses(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = subprocess.Popen([sys.executable, "-m", "ualm_jax.cli", "train", "--run-dir", str(run),
+                              *BASE, "train.steps=100000"], cwd=root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 1/"):
+                break
+        second = subprocess.run([sys.executable, "-m", "ualm_jax.cli", "train", "--run-dir", str(run),
+                                 *BASE, "train.steps=100000"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stdout[-2000:]
+        assert f"pid {first.pid}" in second.stderr and "in use by another trainer" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 0

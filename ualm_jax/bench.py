@@ -104,13 +104,95 @@ def _dir_bytes(path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def bench_export(model: str, workdir: str, fmt: str = "pytorch") -> dict:
-    """Writes a random params checkpoint of `model`, exports it in a child process and reports
-    the child's peak resident memory against the checkpoint's size on disk."""
+def params_bytes_fp32(model_cfg) -> int:
+    """The model's parameter count x 4 bytes (the fp32 size the memory ratios are against)."""
+    from ualm_jax.model.params import abstract_params
+
+    shapes, _ = abstract_params(build_model(model_cfg))
+    return 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def _child_peak_rss(code: str, *argv) -> tuple[int, float, bool]:
+    """(peak resident bytes of a CPU-only child running `code`, its seconds, whether an earlier
+    child of this process may have set the peak instead)."""
     import os
     import resource
     import subprocess
     import sys
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    subprocess.run([sys.executable, "-c", code, *map(str, argv)], check=True, env=env)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    return peak, seconds, before != 0
+
+
+def write_random_hf_qwen2(model_cfg, dest, seed: int = 0, tied: bool = True) -> int:
+    """A random HF Qwen2 checkpoint (config.json + model.safetensors, fp32) with the backbone
+    shapes of `model_cfg`; returns its tensor bytes."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    from ualm_jax.convert.hf_qwen2 import HF_LAYER, _expected_hf_shape, _layer_map
+
+    m, dest = model_cfg, Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {"model.embed_tokens.weight": rng.standard_normal(
+        (m.text_vocab_size, m.d_model), dtype=np.float32) * np.float32(0.02),
+        "model.norm.weight": np.ones(m.d_model, np.float32)}
+    if not tied:
+        tensors["lm_head.weight"] = rng.standard_normal(
+            (m.text_vocab_size, m.d_model), dtype=np.float32) * np.float32(0.02)
+    for path, (suffix, _, _) in _layer_map(m).items():
+        for i in range(m.n_layers):
+            shape = _expected_hf_shape(m, path)
+            tensors[HF_LAYER.format(i=i) + suffix] = (
+                np.ones(shape, np.float32) if path[-1] == "scale" else
+                rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+              vocab_size=m.text_vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
+              num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+              head_dim=m.head_dim, intermediate_size=m.d_ff, rms_norm_eps=m.rms_norm_eps,
+              rope_theta=m.rope_theta, tie_word_embeddings=tied, torch_dtype="float32")
+    (dest / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return sum(x.nbytes for x in tensors.values())
+
+
+def bench_import(model: str, workdir: str) -> dict:
+    """Writes a random HF Qwen2 checkpoint of `model`'s backbone shape, imports it (`ualm
+    import-hf`) in a child process and reports the child's peak resident memory against the
+    imported model's fp32 size."""
+    import shutil
+    from pathlib import Path
+
+    work = Path(workdir)
+    cfg = load_config(None, [f"model.preset={model}"])
+    src = work / f"hf-{model}"
+    if not (src / "config.json").exists():
+        write_random_hf_qwen2(cfg.model, src, seed=cfg.seed)
+    out = work / f"import-{model}"
+    shutil.rmtree(out, ignore_errors=True)
+    code = ("import sys; from ualm_jax.config import load_config; "
+            "from ualm_jax.convert.hf_import import import_hf; "
+            "import_hf(sys.argv[1], sys.argv[2], load_config(None, [f'model.preset={sys.argv[3]}']))")
+    peak, seconds, earlier = _child_peak_rss(code, src, out, model)
+    model_bytes = params_bytes_fp32(load_config(out / "config.yaml").model)
+    return {"bench": "import", "model": model, "source_bytes": _dir_bytes(src),
+            "model_bytes_fp32": model_bytes, "checkpoint_bytes": _dir_bytes(out / "checkpoints"),
+            "peak_rss_bytes": peak, "peak_over_model": peak / model_bytes, "seconds": seconds,
+            "note": "peak includes earlier children of this process" if earlier else None}
+
+
+def bench_export(model: str, workdir: str, fmt: str = "pytorch") -> dict:
+    """Writes a random params checkpoint of `model`, exports it in a child process and reports
+    the child's peak resident memory against the checkpoint's size on disk."""
     from pathlib import Path
 
     from ualm_jax.checkpoint import save_params
@@ -128,15 +210,11 @@ def bench_export(model: str, workdir: str, fmt: str = "pytorch") -> dict:
     out = work / f"export-{model}-{fmt}"
     code = ("import sys; from ualm_jax.convert.export import export; "
             "export(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    subprocess.run([sys.executable, "-c", code, str(ckpt), str(out), fmt], check=True, env=env)
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    peak, seconds, earlier = _child_peak_rss(code, ckpt, out, fmt)
     ckpt_bytes = _dir_bytes(ckpt / "checkpoints")
+    model_bytes = params_bytes_fp32(load_config(ckpt / "config.yaml").model)
     return {"bench": "export", "model": model, "format": fmt, "checkpoint_bytes": ckpt_bytes,
-            "export_bytes": _dir_bytes(out), "peak_rss_bytes": peak,
-            "peak_over_checkpoint": peak / ckpt_bytes, "seconds": seconds,
-            "note": None if before == 0 else "peak includes earlier children of this process"}
+            "export_bytes": _dir_bytes(out), "model_bytes_fp32": model_bytes,
+            "peak_rss_bytes": peak, "peak_over_checkpoint": peak / ckpt_bytes,
+            "peak_over_model": peak / model_bytes, "seconds": seconds,
+            "note": "peak includes earlier children of this process" if earlier else None}

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
+from ualm_jax import sigterm
 from ualm_jax.config import ConfigError
 
 
@@ -38,6 +37,10 @@ def _bench(args) -> int:
         from ualm_jax.bench import bench_export
 
         print_json(bench_export(args.model, args.workdir, args.format))
+    if args.what == "import":
+        from ualm_jax.bench import bench_import
+
+        print_json(bench_import(args.model, args.workdir))
     if args.what == "step":
         print_json(bench_step(args.model, args.batch or 8, args.seq or 128, args.mesh, args.steps,
                               warmup=args.warmup, text_only=args.text_only,
@@ -55,7 +58,9 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, args.run_dir)
-    if summary["preempted"]:
+    if summary.get("nothing_trained"):
+        print("rerun the same command to train")
+    elif summary["preempted"]:
         print(f"stopped at step {summary['step']} (checkpoint saved); rerun the same command to resume")
     else:
         print(results_table(summary))
@@ -100,6 +105,17 @@ def _import_hf(args) -> int:
     return 0
 
 
+def _import_reference(args) -> int:
+    from ualm_jax.config import load_config
+    from ualm_jax.convert.reference import import_reference
+
+    cfg = load_config(args.config, args.overrides)
+    report = import_reference(args.source, args.out, cfg)
+    print(f"imported {report['imported']} tensors from {report['source']} into {args.out} "
+          f"({report['codec']})")
+    return 0
+
+
 def _export(args) -> int:
     from ualm_jax.convert.export import export
 
@@ -121,17 +137,14 @@ def _generate(args) -> int:
     import json
     from pathlib import Path
 
+    import numpy as np
     import soundfile as sf
 
     from ualm_jax.infer.decode import GenerationConfig
     from ualm_jax.infer.tasks import caption, load, text_to_audio
 
-    m = load(args.checkpoint, args.tokenizer, args.codec)
-    gen_cfg = GenerationConfig(max_new=args.max_new, cfg_scale=args.cfg, seed=args.seed,
-                               top_k=args.top_k, audio_temperature=args.temperature,
-                               max_audio_frames=args.max_audio_frames)
-    if args.prompts:  # batch mode: one output per JSON line
-        items = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if args.prompts:  # batch mode: one output per JSON line, every file under one folder
+        items = read_prompt_lines(args.prompts, args.out_dir, args.task == "text-to-audio")
     elif args.task == "text-to-audio":
         if not args.prompt or not args.out:
             raise ValueError("--task text-to-audio needs --prompt TEXT and --out FILE.wav")
@@ -140,12 +153,16 @@ def _generate(args) -> int:
         if not args.audio:
             raise ValueError("--task caption needs --audio FILE.wav")
         items = [{"audio": args.audio}]
+    m = load(args.checkpoint, args.tokenizer, args.codec)
+    gen_cfg = GenerationConfig(max_new=args.max_new, cfg_scale=args.cfg, seed=args.seed,
+                               top_k=args.top_k, audio_temperature=args.temperature,
+                               max_audio_frames=args.max_audio_frames)
     if args.task == "text-to-audio":
         if m.codec is None:
             raise ValueError("no codec to decode audio: pass --codec DIR or set data.codec")
         codes = text_to_audio(m, [it["prompt"] for it in items], gen_cfg)
-        for i, (it, c) in enumerate(zip(items, codes)):
-            out = Path(it.get("out") or Path(args.out_dir or ".") / f"sample_{i:04d}.wav")
+        for it, c in zip(items, codes):
+            out = Path(it["out"])  # batch mode: resolved (and checked) by read_prompt_lines
             out.parent.mkdir(parents=True, exist_ok=True)
             sf.write(out, m.codec.decode(c) if len(c) else np.zeros(1, np.float32), m.codec.sample_rate)
             print(json.dumps({"prompt": it["prompt"], "out": str(out), "frames": int(len(c))}))
@@ -156,6 +173,49 @@ def _generate(args) -> int:
         for it, text in zip(items, texts):
             print(json.dumps({"audio": it["audio"], "caption": text}) if args.prompts else text)
     return 0
+
+
+def read_prompt_lines(prompts: str, out_dir: str | None, outputs: bool) -> list[dict]:
+    """The JSON lines of a `--prompts` file. With `outputs` (text-to-audio) each line's `out`
+    (default sample_NNNN.wav, NNNN counting lines) is resolved inside `out_dir`, else inside the
+    prompts file's folder; an absolute `out` or one that leaves that folder is refused, as are two
+    lines writing one file. Errors name the file and line number."""
+    import json
+    import os
+    from pathlib import Path
+
+    base = Path(out_dir) if out_dir else Path(prompts).parent
+    items, seen = [], {}
+    for lineno, line in enumerate(Path(prompts).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{prompts}:{lineno}"
+        try:
+            it = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not a JSON object: {e}") from None
+        if not isinstance(it, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(it).__name__}")
+        need = "prompt" if outputs else "audio"
+        if not isinstance(it.get(need), str):
+            raise ValueError(f"{where}: needs a {need!r} string")
+        if outputs:
+            out = it.get("out", f"sample_{len(items):04d}.wav")
+            if not isinstance(out, str) or not out.strip():
+                raise ValueError(f"{where}: out={out!r} must be a non-empty file name")
+            norm = os.path.normpath(out)
+            if os.path.isabs(out):
+                raise ValueError(f"{where}: out={out!r} is absolute; give a path inside {base} "
+                                 "(the --out-dir, default the prompts file's folder)")
+            if norm in (".", "..") or norm.startswith(".." + os.sep):
+                raise ValueError(f"{where}: out={out!r} leaves {base} (the --out-dir, default the "
+                                 "prompts file's folder)")
+            if norm in seen:
+                raise ValueError(f"{where}: out={out!r} is also written by line {seen[norm]}")
+            seen[norm] = lineno
+            it = dict(it, out=str(base / norm))
+        items.append(it)
+    return items
 
 
 def _mixture(args) -> int:
@@ -201,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a run from a config")
-    t.add_argument("--config", required=True, help="YAML config (see configs/)")
-    t.add_argument("--run-dir", required=True, help="where checkpoints, metrics and logs go")
+    t.add_argument("--config", default=None,
+                   help="YAML config (see configs/; default: the built-in defaults)")
+    t.add_argument("--run-dir", required=True,
+                   help="where checkpoints, metrics and logs go: a local folder or gs://BUCKET/PATH")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     t.set_defaults(func=_train)
 
@@ -226,9 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     i.set_defaults(func=_import_hf)
 
-    e = sub.add_parser("export", help="a checkpoint -> PyTorch safetensors / HF text model")
+    r = sub.add_parser("import-reference",
+                       help="a checkpoint of the authors' PyTorch UALM -> UALM params")
+    r.add_argument("source", help="mp_rank_00_model_states.pt, a DeepSpeed global_stepN/ folder, "
+                   "a `--format ualm-reference` or `--format pytorch` export")
+    r.add_argument("--config", required=True,
+                   help="UALM config of the same model (backbone, K, C, encoder; data.codec)")
+    r.add_argument("--out", required=True, help="new directory (usable as train.init_from)")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    r.set_defaults(func=_import_reference)
+
+    e = sub.add_parser("export", help="a checkpoint -> PyTorch safetensors / HF text model / "
+                       "the authors' UALM format")
     e.add_argument("checkpoint", help="run directory (latest checkpoint) or one step directory")
-    e.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"])
+    e.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text", "ualm-reference"],
+                   help="pytorch: our names in safetensors; hf-text: the text Qwen2 only; "
+                   "ualm-reference: mp_rank_00_model_states.pt + train.yaml for the authors' code")
     e.add_argument("--out", required=True)
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast tensors (default: as stored)")
@@ -264,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dpo_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
-    b.add_argument("what", choices=["step", "export", "data", "compile"],
+    b.add_argument("what", choices=["step", "export", "import", "data", "compile"],
                    help="step: the real train step; export: peak memory of exporting a checkpoint; "
+                        "import: peak memory of `ualm import-hf` of a random HF checkpoint; "
                         "data: packed tokens/s of the data pipeline; compile: compile the train "
                         "step for --topology and report per-chip memory")
     b.add_argument("--topology", default="v5p-128",
@@ -274,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data: a config whose data.mixture shards to read (default: in-memory "
                         "records at the paper's shapes, --batch x --seq)")
     b.add_argument("--seconds", type=float, default=5.0, help="data: seconds to measure")
-    b.add_argument("--workdir", default="runs/bench-export", help="export: where checkpoints go")
+    b.add_argument("--workdir", default="runs/bench-export", help="export/import: where checkpoints go")
     b.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"], help="export format")
     b.add_argument("--model", default="tiny", help="model preset: tiny, 0.5b, 1.5b, 7b")
     b.add_argument("--batch", type=int, default=None,
@@ -296,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["train"]:
+        sigterm.install()  # first: SIGTERM during the imports below stops cleanly, not with 143
+        try:
+            return _main(argv)
+        finally:
+            sigterm.restore()
+    return _main(argv)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Dotted overrides may follow options (`import-hf DIR --out X model.k=v`).

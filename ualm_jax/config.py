@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +17,15 @@ from typing import Any, Optional
 
 import yaml
 
+from ualm_jax import storage
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or inconsistent; the message names the dotted key."""
+
+
+# Shortest train.seq_len accepted: below it no packed row holds a whole sample of any task.
+MIN_SEQ_LEN = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +87,16 @@ class ModelConfig:
     # Loss.
     loss_objective: str = "reference"  # reference | modality | consistent (see model/loss.py)
     loss_chunk_size: int = 1024  # sequence chunk for the head + CE; 0 = whole sequence
+    # Streams 1..K-1 (reference/modality objectives): the audio softmax runs per interval of
+    # whole codebooks, split as the reference splits it (one interval for 8 x 1025 ids).
+    max_loss_interval: int = 13192
+    # Loss weight of each stream at assistant audio positions; empty = 1/K each (reference).
+    stream_weights: list = field(default_factory=list)
+
+    def audio_stream_weights(self) -> list:
+        """Per-stream loss weights of assistant audio: stream_weights, or 1/K each."""
+        k = max(self.num_codebooks, 1)
+        return [float(w) for w in self.stream_weights] if self.stream_weights else [1.0 / k] * k
 
     def validate(self, prefix: str = "model") -> None:
         p = prefix
@@ -102,6 +119,16 @@ class ModelConfig:
         _choice(f"{p}.loss_objective", self.loss_objective, ("reference", "modality", "consistent"))
         if self.loss_chunk_size < 0:
             raise ConfigError(f"{p}.loss_chunk_size={self.loss_chunk_size} must be >= 0")
+        if self.max_loss_interval <= 0:
+            raise ConfigError(f"{p}.max_loss_interval={self.max_loss_interval} must be positive")
+        if self.stream_weights:
+            k = max(self.num_codebooks, 1)
+            if len(self.stream_weights) != k:
+                raise ConfigError(f"{p}.stream_weights has {len(self.stream_weights)} entries; "
+                                  f"expected one per stream ({k})")
+            if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0
+                   for w in self.stream_weights):
+                raise ConfigError(f"{p}.stream_weights={self.stream_weights} must be positive numbers")
         enc = self.audio_encoder
         if enc.enabled:
             if enc.d_model % enc.n_heads:
@@ -172,8 +199,18 @@ class OptimConfig:
 
     def validate(self, prefix: str = "optim") -> None:
         _choice(f"{prefix}.schedule", self.schedule, ("cosine", "constant"))
-        if self.learning_rate < 0:
-            raise ConfigError(f"{prefix}.learning_rate={self.learning_rate} must be >= 0")
+        # Each of these out of range turns every update into NaN/inf (or silently off): eps=0
+        # divides 0 by 0 for a zero gradient, b2=1 divides by 1-b2^t=0, lr=nan poisons all.
+        _in_range(f"{prefix}.learning_rate", self.learning_rate, lo=0.0)
+        _in_range(f"{prefix}.end_learning_rate_ratio", self.end_learning_rate_ratio, lo=0.0, hi=1.0)
+        _in_range(f"{prefix}.b1", self.b1, lo=0.0, hi=1.0, hi_open=True)
+        _in_range(f"{prefix}.b2", self.b2, lo=0.0, hi=1.0, hi_open=True)
+        _in_range(f"{prefix}.eps", self.eps, lo=0.0, lo_open=True)
+        _in_range(f"{prefix}.weight_decay", self.weight_decay, lo=0.0)
+        # clip_norm 0 switches clipping off (train/optim.py); a negative value is a typo.
+        _in_range(f"{prefix}.clip_norm", self.clip_norm, lo=0.0, note="0 disables clipping")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps={self.warmup_steps} must be >= 0")
 
 
 @dataclass
@@ -196,6 +233,7 @@ class TrainConfig:
     nan_policy: str = "skip"  # skip: drop the update and count it | stop: raise naming the step
     tensorboard: bool = True
     min_free_disk_factor: float = 2.0  # refuse to start with less free disk than this x one checkpoint
+    probe_timeout_s: float = 60.0  # the run dir's probe write (gs:// clients retry for minutes)
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "batch_size", "seq_len", "microbatches", "log_every"):
@@ -212,6 +250,12 @@ class TrainConfig:
         _choice(f"{prefix}.stage", self.stage, ("full", "align", "custom"))
         _choice(f"{prefix}.objective", self.objective, ("lm", "dpo"))
         _choice(f"{prefix}.nan_policy", self.nan_policy, ("skip", "stop"))
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ConfigError(f"{prefix}.seq_len={self.seq_len} must be >= {MIN_SEQ_LEN} (a packed "
+                              "row holds at least one <bos> <user> <modality> ... <eos> sample)")
+        _in_range(f"{prefix}.min_free_disk_factor", self.min_free_disk_factor, lo=0.0,
+                  note="0 skips the free-disk check")
+        _in_range(f"{prefix}.probe_timeout_s", self.probe_timeout_s, lo=0.0, lo_open=True)
 
 
 @dataclass
@@ -228,18 +272,34 @@ class DataConfig:
     tokenizer: str = ""  # tokenizer.json of the text vocabulary (generation, builders)
     codec: str = ""  # codec directory (X-codec or a saved SpectralCodec) to decode generated audio
     max_clips_per_row: int = 4  # encoder-input clips (30 s windows) one packed row can hold
+    # Loss on the `<assistant><modality>` header: assistant = every assistant segment's two
+    # header tokens, weight 1 in stream 0 (the reference: the model learns to choose the
+    # modality); reasoning = only headers continuing an assistant turn in reasoning records;
+    # none = headers are always forced.
+    supervise_headers: str = "assistant"
     read_threads: int = 0  # Grain ReadOptions.num_threads (0 measured fastest on small hosts)
     prefetch: int = 2  # batches prepared ahead of the step
     eval_seed: int = 1234  # held-out batches come from a disjoint seed
+    # gs:// builds are copied here at start (Grain reads ArrayRecord with local file I/O); empty:
+    # gs:// build paths are refused at load (or mount the bucket with gcsfuse). See staging.py.
+    stage_dir: str = ""
 
     def validate(self, prefix: str = "data") -> None:
         _choice(f"{prefix}.source", self.source, ("synthetic", "mixture", "preference"))
+        _choice(f"{prefix}.supervise_headers", self.supervise_headers,
+                ("assistant", "reasoning", "none"))
         if self.source == "preference" and not self.preference_path:
             raise ConfigError(f"{prefix}.source=preference needs {prefix}.preference_path")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ConfigError(f"{prefix}.cfg_dropout={self.cfg_dropout} must lie in [0, 1]")
         if self.source == "mixture" and not self.mixture:
             raise ConfigError(f"{prefix}.source=mixture needs {prefix}.mixture entries")
+        remote = [(f"{prefix}.mixture[{i}].path", e.get("path")) for i, e in enumerate(self.mixture)
+                  if isinstance(e, dict) and self.source == "mixture"]
+        remote += [(f"{prefix}.preference_path", self.preference_path)] if self.source == "preference" else []
+        for key, path in remote:
+            if isinstance(path, str) and storage.is_url(path) and not self.stage_dir:
+                raise ConfigError(storage.local_io_route(path, key))
         if self.source == "synthetic":
             from ualm_jax.train.synthetic import TASKS
 
@@ -316,6 +376,26 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _in_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
+              lo_open: bool = False, hi_open: bool = False, note: str = "") -> None:
+    """Refuses NaN, +-inf and values outside [lo, hi] (open ends where asked), naming the key."""
+    ok = math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if ok:
+        return
+    if lo is not None and hi is not None:
+        allowed = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        rule = f"must be a finite number in {allowed}"
+    elif lo is not None:
+        rule = f"must be a finite number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        rule = f"must be a finite number {'<' if hi_open else '<='} {hi:g}"
+    raise ConfigError(f"{name}={value!r} {rule}" + (f" ({note})" if note else ""))
+
+
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
@@ -355,11 +435,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _expand_presets(raw: dict) -> dict:
+    """`model` starts from its preset: the named one, else ModelConfig's default (a config without
+    `model:` gets the default preset's shapes, not the dataclass field defaults)."""
     model = raw.get("model")
-    if isinstance(model, dict) and "preset" in model:
+    if model is None:
+        model = raw["model"] = {}
+    if isinstance(model, dict):
         from ualm_jax.model.presets import preset_dict  # local import: presets import this module
 
-        merged = preset_dict(model["preset"])
+        merged = preset_dict(model.get("preset", ModelConfig.preset))
         _deep_update(merged, model)
         raw["model"] = merged
     return raw
@@ -449,7 +533,8 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist"
                           + (f" (named by `base:` in {seen[-1]})" if seen else ""))
-    if path.resolve() in seen:
+    me = path if storage.is_url(path) else path.resolve()
+    if me in seen:
         raise ConfigError(f"config file {path} includes itself through `base:`")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -464,15 +549,16 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: base={bases!r}: expected a file path or a list of them")
     merged: dict = {}
     for b in bases:
-        merged = _merge(merged, _read_yaml(path.parent / b, seen + (path.resolve(),)))
+        merged = _merge(merged, _read_yaml(path.parent / b, seen + (me,)))
     return _merge(merged, raw)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 cls=Config):
-    raw: dict = {} if path is None else _read_yaml(Path(path))
+    raw: dict = {} if path is None else _read_yaml(storage.as_path(path))
     raw = apply_overrides(raw, list(overrides or []))
-    raw = _expand_presets(raw)
+    if any(f.name == "model" for f in dataclasses.fields(cls)):
+        raw = _expand_presets(raw)
     cfg = from_dict(cls, raw)
     return cfg.validate()
 

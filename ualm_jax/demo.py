@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ualm_jax import storage
+
 DEMO_CONFIG = "configs/demo.yaml"
 CFG_SCALES = (1.0, 1.5, 3.0)  # text-to-audio guidance lambdas evaluated (1 = no guidance)
 
@@ -107,6 +109,10 @@ def run_demo(run_dir: str | Path = "runs/demo", config: str = DEMO_CONFIG,
              export: bool = True) -> dict:
     from ualm_jax.train.loop import train
 
+    if storage.is_url(run_dir):  # its world is generated and built in place, read by Grain
+        raise ValueError(f"--run-dir {run_dir}: the demo generates and builds its data inside the "
+                         "run dir and reads it with Grain (local files); give a local --run-dir "
+                         "(training runs take gs:// run dirs: `ualm train --run-dir gs://...`)")
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     info = prepare(run_dir, config, overrides, clips, problems)

@@ -3,9 +3,11 @@ the `Converter` base (text ids, audio checks, codec codes, log-mel, token counts
 that becomes `build_report.json` and `stats.json`, and the TFDS plumbing (features of a stored
 record, `ManifestBuilder`, the Beam transform).
 
-Life of one manifest line:
+Life of one manifest line (`iter_lines`: ends at \n, \r\n or a lone \r):
   1. `parse_line`: JSON object -> its split ("split" field, else `eval_fraction` by a hash of the
-     line). Malformed lines are logged here, once, by the first split's pass.
+     line). Malformed lines are logged here, once, by the first split's pass; so are lines over
+     the `Limits` (line_too_long, too_deep: checked before the JSON parser runs) and numbers too
+     long to convert (number_too_long). It raises nothing but Skip.
   2. `Converter.check`: cheap structure checks (keys, types, empty text).
   3. `Converter.records`: the expensive part (audio decode, codec, mel), -> records.
 Every line ends as exactly one log entry: written (with records and tokens per task) or skipped
@@ -27,6 +29,8 @@ import json
 import math
 import os
 import posixpath
+import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
@@ -44,6 +48,8 @@ SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validat
                  "val": "validation", "eval": "validation", "dev": "validation"}
 CHUNK_LINES = 1000  # manifest lines per unit of (Beam) work
 LOG_DIR = "_build_log"  # Beam workers' log shards, merged into the report
+MAX_LINE_BYTES = 16 << 20  # a longer manifest line is skipped (line_too_long), never read whole
+MAX_JSON_DEPTH = 64  # deeper nesting is skipped (too_deep) before the JSON parser recurses
 
 
 def encoder_frames_of_mel(n_mel_frames: int) -> int:
@@ -61,8 +67,14 @@ class Skip(Exception):
         self.code, self.reason = code, reason
 
 
+MAX_REASON_CHARS = 500  # a reason quoting a huge value from a line is cut
+
+
 def skipped_entry(line: int, split: Optional[str], skip: Skip) -> dict:
-    return {"line": line, "split": split, "code": skip.code, "reason": skip.reason}
+    reason = str(skip.reason)
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS] + "..."
+    return {"line": line, "split": split, "code": str(skip.code), "reason": reason}
 
 
 # Manifest reading ---------------------------------------------------------------------------------
@@ -75,6 +87,19 @@ def _open(path: str, mode: str = "rb"):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one manifest line may hold. A line over a limit is skipped (line_too_long, too_deep)
+    before it is decoded: no line can exhaust memory or the parser's recursion."""
+    max_line_bytes: int = MAX_LINE_BYTES
+    max_json_depth: int = MAX_JSON_DEPTH
+
+    def __post_init__(self):
+        if self.max_line_bytes < 1 or self.max_json_depth < 1:
+            raise ValueError(f"line limits must be positive, got max_line_bytes "
+                             f"{self.max_line_bytes}, max_json_depth {self.max_json_depth}")
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A run of manifest lines: bytes [start, stop), first line number (1-based), line count."""
     start: int
@@ -83,26 +108,132 @@ class Chunk:
     lines: int
 
 
-def parse_line(raw: bytes, eval_fraction: float) -> tuple:
-    """-> (split, data) or raise Skip. Blank lines count as input lines, so they are skipped too."""
+class LongLine:
+    """A line read no further than the limit: its size in bytes (terminator excluded)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"LongLine({self.size})"
+
+
+_EOL = re.compile(rb"[\r\n]")
+_BLOCK = 1 << 16
+
+
+def iter_lines(f, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple]:
+    """(end offset, raw) for each line of binary file `f` from where it stands, universal newlines
+    (\\n, \\r\\n and a lone \\r each end a line, as Python's text mode has it); raw is the line's
+    bytes without its terminator, or a LongLine when it holds more than `max_line_bytes` (the rest
+    of such a line is counted, never kept). Offsets are absolute, for byte-offset chunks."""
+    pos = f.tell()  # offset of buf[0]
+    buf, parts, size = b"", [], 0
+    while True:
+        if not buf:
+            buf = f.read(_BLOCK)
+            if not buf:  # end of file: a last line without a terminator still counts
+                if size or parts:
+                    yield pos, (LongLine(size) if size > max_line_bytes else b"".join(parts))
+                return
+        m = _EOL.search(buf)
+        piece = buf[:m.start()] if m else buf
+        size += len(piece)
+        if size <= max_line_bytes:
+            parts.append(piece)
+        else:
+            parts = []
+        if not m:
+            pos, buf = pos + len(buf), b""
+            continue
+        end = m.end()
+        if buf[m.start():end] == b"\r":  # \r\n is one terminator, even across a block boundary
+            if end == len(buf):
+                pos, buf, end = pos + end, f.read(_BLOCK), 0
+            if buf[end:end + 1] == b"\n":
+                end += 1
+        pos, buf = pos + end, buf[end:]
+        yield pos, (LongLine(size) if size > max_line_bytes else b"".join(parts))
+        parts, size = [], 0
+
+
+def json_depth_over(text: str, limit: int) -> bool:
+    """Whether JSON `text` nests arrays/objects deeper than `limit`, found without recursion
+    (brackets inside strings do not count). Cheap when the line holds few brackets."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.S)
+_DIGITS = re.compile(r"\d{%d,}" % (sys.get_int_max_str_digits() + 1 if hasattr(
+    sys, "get_int_max_str_digits") else 4301))
+
+
+def parse_line(raw, eval_fraction: float, limits: Limits = Limits()) -> tuple:
+    """-> (split, data) or raise Skip; never raises anything else. Blank lines count as input
+    lines, so they are skipped too."""
+    try:
+        return _parse_line(raw, eval_fraction, limits)
+    except Skip:
+        raise
+    except Exception as e:  # whatever a hostile line triggers: the line is skipped, not the build
+        raise Skip("bad_json", f"cannot read the line: {type(e).__name__}: {e}") from None
+
+
+def _parse_line(raw, eval_fraction: float, limits: Limits) -> tuple:
+    if isinstance(raw, LongLine):
+        raise Skip("line_too_long", f"line of {raw.size} bytes, above the limit of "
+                                    f"{limits.max_line_bytes} (max_line_bytes)")
+    if len(raw) > limits.max_line_bytes:
+        raise Skip("line_too_long", f"line of {len(raw)} bytes, above the limit of "
+                                    f"{limits.max_line_bytes} (max_line_bytes)")
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError as e:
         raise Skip("bad_json", f"line is not UTF-8 text: {e}") from None
     if not text:
         raise Skip("blank_line", "empty line")
+    if json_depth_over(text, limits.max_json_depth):
+        raise Skip("too_deep", f"JSON nested deeper than {limits.max_json_depth} levels "
+                               "(max_json_depth)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise Skip("bad_json", f"malformed JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise Skip("too_deep", "JSON nested too deeply to parse") from None
+    except ValueError as e:  # a number beyond what Python converts (int_max_str_digits)
+        m = _DIGITS.search(text)
+        where = f" at column {m.start() + 1} ({m.end() - m.start()} digits)" if m else ""
+        raise Skip("number_too_long", f"a number too long to read{where}: "
+                                      f"{str(e).split(';')[0]}") from None
     if not isinstance(data, dict):
         raise Skip("bad_json", f"a line must hold a JSON object, got {type(data).__name__}")
     split = data.get("split")
     if split is not None:
         if not isinstance(split, str) or split.lower() not in SPLIT_ALIASES:
-            raise Skip("bad_value", f"unknown split {split!r} (use train or validation)")
+            raise Skip("bad_value", f"unknown split {_short(split)} (use train or validation)")
         return SPLIT_ALIASES[split.lower()], data
     return ("validation" if _hash_fraction(text) < eval_fraction else "train"), data
+
+
+def _short(value, n: int = 80) -> str:
+    """repr of a value from a line, cut to n characters (lines may hold huge values)."""
+    try:
+        r = repr(value)
+    except Exception as e:  # e.g. an int too long to print
+        return f"<{type(value).__name__}: {type(e).__name__}>"
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def _hash_fraction(text: str) -> float:
@@ -117,41 +248,40 @@ class Scan:
     lines: int = 0
     candidates: dict = field(default_factory=dict)  # split -> lines that parsed
     chunks: list = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def splits(self) -> list:
         return [s for s in SPLITS if self.candidates.get(s)]
 
 
-def scan_manifest(path: str, eval_fraction: float, chunk_lines: int = CHUNK_LINES) -> Scan:
+def scan_manifest(path: str, eval_fraction: float, chunk_lines: int = CHUNK_LINES,
+                  limits: Limits = Limits()) -> Scan:
     """One streaming pass: line count, parsed lines per split, byte-offset chunks for workers."""
-    scan = Scan()
+    scan = Scan(limits=limits)
     with _open(path) as f:
-        start, first, n = 0, 1, 0
-        while True:
-            raw = f.readline()
-            if not raw:
-                break
+        start, first, n, stop = 0, 1, 0, 0
+        for stop, raw in iter_lines(f, limits.max_line_bytes):
             scan.lines += 1
             n += 1
             with contextlib.suppress(Skip):
-                split, _ = parse_line(raw, eval_fraction)
+                split, _ = parse_line(raw, eval_fraction, limits)
                 scan.candidates[split] = scan.candidates.get(split, 0) + 1
             if n == chunk_lines:
-                stop = f.tell()
                 scan.chunks.append(Chunk(start, stop, first, n))
                 start, first, n = stop, first + n, 0
         if n:
-            scan.chunks.append(Chunk(start, f.tell(), first, n))
+            scan.chunks.append(Chunk(start, stop, first, n))
     return scan
 
 
-def read_chunk(path: str, chunk: Chunk) -> Iterator[tuple]:
-    """(line number, raw bytes) for each line of one chunk."""
+def read_chunk(path: str, chunk: Chunk, limits: Limits = Limits()) -> Iterator[tuple]:
+    """(line number, raw bytes or LongLine) for each line of one chunk."""
     with _open(path) as f:
         f.seek(chunk.start)
-        for i in range(chunk.lines):
-            yield chunk.first_line + i, f.readline()
+        lines = iter_lines(f, limits.max_line_bytes)
+        for i, (_, raw) in zip(range(chunk.lines), lines):
+            yield chunk.first_line + i, raw
 
 
 # Converters ---------------------------------------------------------------------------------------
@@ -378,8 +508,8 @@ def convert_line(converter: Converter, line: int, split: str, data: dict) -> tup
         written = converter.records(data)
     except Skip as s:
         return [], skipped_entry(line, split, s)
-    except Exception as e:  # a bug or an exotic file: log it, keep building
-        return [], skipped_entry(line, split, Skip("error", f"{type(e).__name__}: {e}"))
+    except Exception as e:  # a bug, an exotic file or a hostile value: log it, keep building
+        return [], skipped_entry(line, split, Skip("error", _describe(e)))
     tasks: dict = {}
     for task, _, tokens in written:
         n, t = tasks.get(task, (0, 0))
@@ -388,13 +518,21 @@ def convert_line(converter: Converter, line: int, split: str, data: dict) -> tup
     return examples, {"line": line, "split": split, "records": {k: list(v) for k, v in tasks.items()}}
 
 
+def _describe(e: BaseException) -> str:
+    try:
+        return f"{type(e).__name__}: {e}"
+    except Exception:  # an exception whose message cannot be formed
+        return type(e).__name__
+
+
 def chunk_outcomes(converter: Converter, manifest: str, chunk: Chunk, split: str,
-                   eval_fraction: float, log_unparsed: bool) -> Iterator[tuple]:
+                   eval_fraction: float, log_unparsed: bool,
+                   limits: Limits = Limits()) -> Iterator[tuple]:
     """(examples, log entry) for each line of `chunk` in `split`; lines that do not parse are
     logged only when `log_unparsed` (one split's pass owns them, so each is logged once)."""
-    for line, raw in read_chunk(manifest, chunk):
+    for line, raw in read_chunk(manifest, chunk, limits):
         try:
-            line_split, data = parse_line(raw, eval_fraction)
+            line_split, data = parse_line(raw, eval_fraction, limits)
         except Skip as s:
             if log_unparsed:
                 yield [], skipped_entry(line, None, s)
@@ -485,6 +623,10 @@ class BuildPlan:
     eval_fraction: float = 0.0
     beam_log_dir: Optional[str] = None  # set: generate with Beam
 
+    @property
+    def limits(self) -> Limits:
+        return self.scan.limits
+
 
 class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A TFDS builder over one manifest. Subclasses set `name`, `converter_cls` (and configs where
@@ -536,7 +678,7 @@ class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         p = self.plan
         for chunk in p.scan.chunks:
             for examples, entry in chunk_outcomes(p.converter, p.manifest, chunk, split,
-                                                  p.eval_fraction, log_unparsed):
+                                                  p.eval_fraction, log_unparsed, p.limits):
                 self.log.append(entry)
                 yield from examples
 
@@ -549,7 +691,7 @@ def beam_split(plan: BuildPlan, split: str, log_unparsed: bool):
     class ConvertChunk(beam.DoFn):
         def process(self, chunk):
             for examples, entry in chunk_outcomes(plan.converter, plan.manifest, chunk, split,
-                                                  plan.eval_fraction, log_unparsed):
+                                                  plan.eval_fraction, log_unparsed, plan.limits):
                 yield from examples
                 yield beam.pvalue.TaggedOutput("log", json.dumps(entry))
 
@@ -567,6 +709,11 @@ def beam_split(plan: BuildPlan, split: str, log_unparsed: bool):
 
 
 def check_finite(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise Skip("bad_value", f"{what} must be a finite number, got {value!r}")
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    try:
+        ok = ok and math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        ok = False
+    if not ok:
+        raise Skip("bad_value", f"{what} must be a finite number, got {_short(value)}")
     return float(value)

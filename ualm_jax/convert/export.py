@@ -1,6 +1,6 @@
 """`ualm export`: a UALM checkpoint (saved on any mesh) -> PyTorch / HF files.
 
---format pytorch: the whole model with the reference implementation's names, in safetensors
+--format pytorch: the whole model with HF Qwen2 names for body and tables, in safetensors
   (`model.safetensors`; `pytorch_model.bin` too with torch_bin=True):
     model.embed_tokens.weight, lm_head.weight   [V_joint, d]  (sharding padding removed)
     model.layers.{i}.*, model.norm.weight       the HF Qwen2 body
@@ -8,13 +8,15 @@
     audio_encoder.*                             Whisper names (conv1, layers.{i}..., layer_norm)
   + config.json (transformers' Qwen2Config for the body over the joint vocab) and
   ualm_config.json (vocabulary intervals, K, C, encoder and adapter settings).
---format hf-text: a plain Qwen2ForCausalLM of the text part only (text rows of table and head).
+--format hf-text: a plain Qwen2ForCausalLM of the text part only (text rows of table and head),
+  with the run's tokenizer files (data.tokenizer), so AutoTokenizer gives the real tokenizer.
+--format ualm-reference: the authors' own checkpoint layout (convert/reference.py).
+Every export carries a model card (README.md) and is readable by others (files 0644, folders 0755).
 Files are written into OUT.tmp-* and renamed to OUT at the end, after a checksum manifest
 (MANIFEST.sha256), so a failed export leaves nothing that looks complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,12 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ualm_jax import storage
 from ualm_jax.checkpoint import load_params, resolve
 from ualm_jax.config import load_config
 from ualm_jax.convert.hf_qwen2 import decoder_to_hf
 from ualm_jax.model.vocab import JointVocab
 
-FORMATS = ("pytorch", "hf-text")
+FORMATS = ("pytorch", "hf-text", "ualm-reference")
+# What a HF tokenizer folder may hold; copied into an hf-text export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+MANIFEST = "MANIFEST.sha256"  # written last: an export is complete when it exists
 
 
 def qwen2_config(cfg, vocab_size: int, tied: bool, dtype: str) -> dict:
@@ -57,7 +64,8 @@ def ualm_config(cfg) -> dict:
                            "max_mel_frames": enc.max_mel_frames, "pool": enc.pool}
                           if enc.enabled else None),
         "stream_embedding": "logits of stream k = (h + stream_emb[k]) @ lm_head.T; stream_emb[0] = 0",
-        "loss_objective": cfg.loss_objective,
+        "loss_objective": cfg.loss_objective, "max_loss_interval": cfg.max_loss_interval,
+        "stream_weights": cfg.audio_stream_weights(),
     }
 
 
@@ -97,16 +105,67 @@ def export_tensors(params: dict, cfg, fmt: str) -> tuple[dict, bool]:
     return out, False
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def copy_tokenizer(cfg, dest: Path) -> list[str]:
+    """The run's tokenizer files (data.tokenizer: a tokenizer.json or a folder) into `dest`, so
+    `AutoTokenizer.from_pretrained(dest)` gives the real tokenizer. -> names copied ([] if none)."""
+    if not cfg.data.tokenizer:
+        return []
+    src = Path(cfg.data.tokenizer)
+    folder, main = (src, src / "tokenizer.json") if src.is_dir() else (src.parent, src)
+    if not main.is_file():
+        raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer} has no tokenizer.json")
+    shutil.copyfile(main, dest / "tokenizer.json")
+    copied = ["tokenizer.json"]
+    if src.is_dir() or src.name == "tokenizer.json":  # its siblings belong to the same tokenizer
+        for name in TOKENIZER_FILES[1:]:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, dest / name)
+                copied.append(name)
+    if "tokenizer_config.json" not in copied:  # a bare tokenizer.json: say how to load it
+        (dest / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False},
+            indent=2) + "\n")
+        copied.append("tokenizer_config.json")
+    return copied
+
+
+def make_readable(root: Path) -> None:
+    """Files 0644, folders 0755: an export is for other users too (mkdtemp makes it 0700)."""
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+
+
+def write_manifest(tmp: Path) -> None:
+    """MANIFEST.sha256 over every file below `tmp` (sub-folders included), written last."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    (tmp / MANIFEST).write_text("".join(f"{storage.sha256(p)}  {p.relative_to(tmp).as_posix()}\n"
+                                        for p in files))
+
+
+def _export_to_url(checkpoint, out: str, **kw) -> str:
+    """Object storage has no atomic rename: export to local disk, then upload with the manifest
+    last. An export there is complete exactly when MANIFEST.sha256 exists (`verify` checks it)."""
+    dest = storage.as_path(out)
+    if dest.exists() and any(dest.iterdir()) and not kw.get("overwrite"):
+        raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
+    local = Path(tempfile.mkdtemp(prefix="ualm-export-"))
+    try:
+        export(checkpoint, local / "out", **kw)
+        if dest.exists():
+            dest.rmtree()
+        storage.upload_tree(local / "out", out, last=[MANIFEST])
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return out
 
 
 def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype: str | None = None,
            torch_bin: bool = False, overwrite: bool = False) -> Path:
+    if storage.is_url(out):
+        return _export_to_url(checkpoint, str(out), fmt=fmt, dtype=dtype, torch_bin=torch_bin,
+                              overwrite=overwrite)
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -118,6 +177,10 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype:
                                 "to name and shape the tensors")
     cfg = load_config(config_path)
     params = load_params(checkpoint)
+    if fmt == "ualm-reference":  # a layout of its own (convert/reference.py)
+        from ualm_jax.convert.reference import export_reference
+
+        return export_reference(params, cfg, step, out, dtype)
     tensors, tied = export_tensors(params, cfg.model, fmt)
     del params
     if dtype:
@@ -145,9 +208,18 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype:
         if fmt == "pytorch":
             (tmp / "ualm_config.json").write_text(json.dumps(
                 dict(ualm_config(cfg.model), source_step=step), indent=2) + "\n")
+            notes = ["not the authors' checkpoint format: `--format ualm-reference` writes that"]
+        else:
+            copied = copy_tokenizer(cfg, tmp)
+            notes = [f"tokenizer files: {', '.join(copied)}" if copied
+                     else "no tokenizer files: the run had no data.tokenizer"]
+        from ualm_jax.convert.model_card import model_card
+
+        (tmp / "README.md").write_text(model_card(fmt, cfg, step, notes))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = "".join(f"{_sha256(p)}  {p.name}\n" for p in files)
-        (tmp / "MANIFEST.sha256").write_text(manifest)
+        manifest = "".join(f"{storage.sha256(p)}  {p.name}\n" for p in files)
+        (tmp / MANIFEST).write_text(manifest)
+        make_readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -159,12 +231,12 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype:
 
 def verify(out: str | Path) -> bool:
     """True when every file listed in MANIFEST.sha256 is present and matches."""
-    out = Path(out)
-    manifest = out / "MANIFEST.sha256"
+    out = storage.as_path(out)
+    manifest = out / MANIFEST
     if not manifest.exists():
         return False
     for line in manifest.read_text().splitlines():
         digest, name = line.split("  ", 1)
-        if not (out / name).exists() or _sha256(out / name) != digest:
+        if not (out / name).exists() or storage.sha256(out / name) != digest:
             return False
     return True

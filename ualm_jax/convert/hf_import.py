@@ -3,9 +3,10 @@
 Backbone shapes come from config.json; the UALM parts (K, C, encoder, adapter) from our config.
 Text rows are copied into the shifted text interval of both the input table and the untied head
 (a tied source head is copied, not shared); special and audio rows start from normal noise with
-the text rows' std; stream embeddings, adapter (and the audio encoder unless a Whisper/AF3
+the text rows' std (row 0, pad, zero); stream embeddings, adapter (and the audio encoder unless a Whisper/AF3
 checkpoint is given) are initialised as the model initialises them. Output layout is a run
 directory: OUT/config.yaml + OUT/checkpoints/0 (params only), usable as `train.init_from`.
+A UALM checkpoint (our exports, the authors' format) is refused: `ualm import-reference` reads it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ualm_jax import storage
 from ualm_jax.checkpoint import save_params
 from ualm_jax.config import Config
 from ualm_jax.convert.hf_files import HFTensors, read_config
@@ -75,21 +77,37 @@ def vocab_tables(tensors, cfg, tied_source: bool, seed: int) -> tuple[np.ndarray
         table = np.zeros((vocab.padded_size, cfg.d_model), np.float32)
         table[:vocab.size] = rng.normal(0.0, std, (vocab.size, cfg.d_model))
         table[vocab.text_offset:vocab.audio_offset] = np.asarray(src, np.float32)
+        table[0] = 0.0  # pad: zero as the reference's padding_idx=0 table (and its head) start
         out.append(table)
     return out[0], out[1]
 
 
+def refuse_ualm_checkpoint(hf_dir: Path, tensor_names=()) -> None:
+    """import-hf reads a plain Qwen2 TEXT checkpoint; a UALM export (joint vocabulary, stream
+    embeddings) imported as one would silently be a wrong model."""
+    marks = [n for n in ("ualm_config.json", "mp_rank_00_model_states.pt") if (hf_dir / n).exists()]
+    if "stream_emb.weight" in tensor_names:
+        marks.append("a stream_emb.weight tensor")
+    if marks:
+        raise ValueError(f"{hf_dir} is a UALM checkpoint ({', '.join(marks)}: joint vocabulary "
+                         f"and stream embeddings), not a plain Qwen2 text checkpoint; import it "
+                         f"with `ualm import-reference {hf_dir} --config RUN_CONFIG.yaml --out "
+                         f"CKPT` (for `--format hf-text` exports and HF Qwen2 models use import-hf)")
+
+
 def import_hf(hf_dir: str | Path, out_dir: str | Path, cfg: Config,
               whisper_dir: str | Path | None = None) -> dict:
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir, out_dir = Path(hf_dir), storage.as_path(out_dir)
     if (out_dir / "checkpoints").exists():
         raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out")
+    refuse_ualm_checkpoint(hf_dir)
     hf_cfg = read_config(hf_dir)
     for k, v in backbone_from_hf_config(hf_cfg, str(hf_dir / "config.json")).items():
         setattr(cfg.model, k, v)
     cfg.model.tie_embeddings = False  # UALM unties; a tied source head is copied
     tied = bool(hf_cfg.get("tie_word_embeddings", False))
     tensors = HFTensors(hf_dir)
+    refuse_ualm_checkpoint(hf_dir, tensors)
     if not tied and "lm_head.weight" not in tensors:
         raise ValueError(f"{hf_dir}/config.json says tie_word_embeddings=false but there is no "
                          "lm_head.weight tensor")
@@ -108,8 +126,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, cfg: Config,
                                                                  cfg.model.audio_encoder)
     params["embed"], params["head"] = vocab_tables(tensors, cfg.model, tied, cfg.seed)
     dtype = jnp.dtype(cfg.model.param_dtype)
-    params["decoder"] = jax.tree.map(lambda x: x.astype(dtype),
-                                     decoder_from_hf(lambda n: tensors[n], cfg.model))
+    params["decoder"] = decoder_from_hf(lambda n: tensors[n], cfg.model, dtype)
 
     # Anything the source holds that we did not read is reported, not silently dropped.
     read = set(n for n in tensors if n.startswith("model.layers.") or n in

@@ -64,12 +64,14 @@ def hf_decoder_names(cfg) -> list[str]:
     return names + ["model.norm.weight"]
 
 
-def decoder_from_hf(get: Callable[[str], np.ndarray], cfg) -> dict:
+def decoder_from_hf(get: Callable[[str], np.ndarray], cfg, dtype=None) -> dict:
     """Our `decoder` subtree from HF tensors; `get(name)` returns one numpy tensor (so a caller
-    can read shard by shard). Shapes are checked; errors name the tensor."""
+    can read shard by shard). Shapes are checked; errors name the tensor. `dtype` (default: the
+    source's): scanned layers are written one by one into one preallocated stacked array of it,
+    so memory holds the result plus one source tensor, never a second copy of the decoder."""
     out: dict = {}
     for path, (suffix, from_hf, to_hf) in _layer_map(cfg).items():
-        per_layer = []
+        per_layer, stacked = [], None
         for i in range(cfg.n_layers):
             name = HF_LAYER.format(i=i) + suffix
             w = np.asarray(get(name))
@@ -78,17 +80,23 @@ def decoder_from_hf(get: Callable[[str], np.ndarray], cfg) -> dict:
                                  f"{_expected_hf_shape(cfg, path)} from the config (d_model={cfg.d_model}, n_heads={cfg.n_heads}, "
                                  f"n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, "
                                  f"d_ff={cfg.d_ff})")
-            per_layer.append(from_hf(w))
-        value = np.stack(per_layer) if cfg.scan_layers else per_layer
+            x = from_hf(w)
+            if not cfg.scan_layers:
+                per_layer.append(x if dtype is None else x.astype(dtype, copy=False))
+                continue
+            if stacked is None:
+                stacked = np.empty((cfg.n_layers,) + x.shape, x.dtype if dtype is None else dtype)
+            stacked[i] = x
+            del w, x
         if cfg.scan_layers:
-            set_path(out, ("layers",) + path, value)
+            set_path(out, ("layers",) + path, stacked)
         else:
-            for i, x in enumerate(value):
+            for i, x in enumerate(per_layer):
                 set_path(out, (f"layers_{i}",) + path, x)
     norm = np.asarray(get("model.norm.weight"))
     if norm.shape != (cfg.d_model,):
         raise ValueError(f"tensor model.norm.weight has shape {norm.shape}, expected ({cfg.d_model},)")
-    set_path(out, ("norm", "scale"), norm)
+    set_path(out, ("norm", "scale"), norm if dtype is None else norm.astype(dtype, copy=False))
     return out
 
 

@@ -3,12 +3,13 @@ directory, or an exported directory, without loading any tensor data."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
+from ualm_jax import storage
 
-def _rows_orbax(path: Path) -> tuple[str, list[tuple]]:
+
+def _rows_orbax(path) -> tuple[str, list[tuple]]:
     import orbax.checkpoint as ocp
 
     from ualm_jax.checkpoint import STATE, resolve
@@ -42,26 +43,32 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "BOOL": "bool"}
 
 
-def _rows_safetensors(path: Path) -> tuple[str, list[tuple]]:
-    from safetensors import safe_open
+def _safetensors_header(file) -> dict:
+    """name -> {dtype, shape} from a safetensors file's JSON header (8-byte length, then JSON),
+    read without touching tensor data; works on local files and gs:// objects alike."""
+    with file.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
 
-    from ualm_jax.convert.hf_files import HFTensors
 
-    tensors = HFTensors(path)
+def _rows_safetensors(path) -> tuple[str, list[tuple]]:
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     rows = []
-    files = sorted(set(tensors.weight_map.values()))
     for fname in files:
-        with safe_open(str(path / fname), framework="flax") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                dtype = str(sl.get_dtype())
-                rows.append((name, tuple(sl.get_shape()), _ST_DTYPES.get(dtype, dtype), fname))
+        if not (path / fname).exists():
+            raise FileNotFoundError(f"missing shard {path / fname} (named by {index.name})")
+        for name, h in _safetensors_header(path / fname).items():
+            rows.append((name, tuple(h["shape"]), _ST_DTYPES.get(h["dtype"], h["dtype"]), fname))
     kind = "exported UALM directory" if (path / "ualm_config.json").exists() else "HF directory"
     return f"{kind} {path}", sorted(rows)
 
 
-def inspect(path: str | Path) -> dict:
-    path = Path(path)
+def inspect(path) -> dict:
+    path = storage.as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ualm_jax import storage
 from ualm_jax.eval.metrics import MetricResult
 
 WORLD_JUDGE = "world-analyser(data_pipelines.analyser, DSP)"
@@ -81,12 +82,18 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
     seconds = float(np.mean([len(w) / sr for w in waves]))
     # An empty generation still counts (as 0.1 s of silence), so metrics see every prompt.
     waves = [w if len(w) else np.zeros(sr // 10, np.float32) for w in waves]
-    if out_dir is not None:
+    if out_dir is not None:  # a local folder or a gs:// URL
+        import io
+
         import soundfile as sf
 
-        os.makedirs(out_dir, exist_ok=True)
+        out = storage.as_path(out_dir)
+        if not storage.is_url(out_dir):
+            out.mkdir(parents=True, exist_ok=True)
         for i, w in enumerate(waves):
-            sf.write(os.path.join(out_dir, f"sample_{i:04d}.wav"), w, sr, subtype="FLOAT")
+            buf = io.BytesIO()
+            sf.write(buf, w, sr, subtype="FLOAT", format="WAV")
+            (out / f"sample_{i:04d}.wav").write_bytes(buf.getvalue())
 
     skipped: dict[str, str] = {}
     refs = [p["reference"] for p in prompts if p.get("reference")]
@@ -144,7 +151,7 @@ def eval_command(args) -> int:
                "metrics": {k: r.to_dict() for k, r in sorted(ev.results.items())},
                "skipped": ev.skipped}
     if args.out:
-        Path(args.out, METRICS_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+        (storage.as_path(args.out) / METRICS_FILE).write_text(json.dumps(payload, indent=1) + "\n")
     if args.json:
         json.dump(payload, sys.stdout)
         sys.stdout.write("\n")

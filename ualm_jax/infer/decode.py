@@ -135,10 +135,13 @@ def _advance(state: RowState, row: np.ndarray, vocab: JointVocab, k: int) -> Non
 
 def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
              start_phase: str = "modality", uncond_prompts: list[np.ndarray] | None = None,
-             audio_features=None, audio_slots=None) -> list[list[Segment]]:
+             audio_features=None, audio_slots=None,
+             audio_mel_mask=None) -> list[list[Segment]]:
     """prompts: per row [L_i, K] joint ids ending right before what the model writes (after
     `<assistant>` for start_phase='modality', after `<assistant><audio>` for 'audio').
-    uncond_prompts (same lengths) switch on guidance with cfg.cfg_scale."""
+    uncond_prompts (same lengths) switch on guidance with cfg.cfg_scale. audio_mel_mask
+    [B, F, T_mel] marks real mel frames, as the trainer's batches do (pass it: without it the
+    encoder attends to the zero padding training masked out)."""
     vocab, k = gen.vocab, gen.k
     guided = uncond_prompts is not None and cfg.cfg_scale != 1.0
     rows = list(prompts) + (list(uncond_prompts) if guided else [])
@@ -169,6 +172,8 @@ def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
             slots[i, longest - L:] = shift[i % n, :L]
         batch["audio_features"] = np.concatenate([audio_features] * (b // n), axis=0)
         batch["audio_slots"] = slots
+        if audio_mel_mask is not None:
+            batch["audio_mel_mask"] = np.concatenate([audio_mel_mask] * (b // n), axis=0)
     cache = gen.new_cache()
     logits, cache = gen.forward(cache, batch)
     next_pos = pos[:, -1] + 1

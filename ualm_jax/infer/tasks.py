@@ -5,7 +5,8 @@ Prompts are built with the same template as training (data_pipelines.template), 
 sees at inference exactly the layout it was trained on; the unconditional prompt for guidance is
 the conditional one with every id before the target `<assistant>` replaced by pad 0, as the
 template's CFG dropout does in training. Input audio reaches the encoder as the builders store
-it and the trainer's packer windows it (audio_windows).
+it and the trainer's packer windows it (audio_windows), zero-padded to full windows with the
+same mel mask as training (padding frames masked out of the encoder's attention).
 """
 from __future__ import annotations
 
@@ -147,27 +148,37 @@ def _window_frames(m: Loaded, n_mel: int) -> int:
 
 def caption_features(m: Loaded, waves: list[np.ndarray]):
     """Encoder input of each clip: features [B, F, T_mel, n_mels] (F = most windows of a clip,
-    zero padded) and the total encoder frames per clip."""
+    zero padded), its mel mask [B, F, T_mel] and the total encoder frames per clip."""
     windows = [audio_windows(m, w) for w in waves]
-    return _pack_windows(m, windows), [sum(_window_frames(m, len(x)) for x in ws) for ws in windows]
+    feats, mask = _pack_windows(m, windows)
+    return feats, mask, [sum(_window_frames(m, len(x)) for x in ws) for ws in windows]
 
 
-def _pack_windows(m: Loaded, windows: list[list[np.ndarray]]) -> np.ndarray:
+def _pack_windows(m: Loaded, windows: list[list[np.ndarray]]):
+    """(features, mel mask) laid out as the trainer's packer lays out clip slots (BatchBuilder):
+    each window at the start of its slot, zeros after it, mask True on its frames only."""
     enc = m.cfg.model.audio_encoder
     most = max([1] + [len(ws) for ws in windows])
     feats = np.zeros((len(windows), most, enc.max_mel_frames, enc.n_mels), np.float32)
+    mask = np.zeros(feats.shape[:3], bool)
     for i, ws in enumerate(windows):
         for c, x in enumerate(ws):
             feats[i, c, :len(x)] = x
-    return feats
+            mask[i, c, :len(x)] = True
+    return feats, mask
 
 
 def reply_prompts(m: Loaded, texts: list[str], waves: list):
+    """reply_inputs without the mel mask (prompts, audio_slots, audio_features)."""
+    return reply_inputs(m, texts, waves)[:3]
+
+
+def reply_inputs(m: Loaded, texts: list[str], waves: list):
     """Prompts for a text reply to one user turn: its text (stripped; left out when empty), then
     its audio when given, then `<assistant><text>`, rendered by the training template (the layout
     of audio-QA, text-SFT and captioning rows). -> (prompts [L_i, K], audio_slots [B, L_max] or
-    None, audio_features [B, F, T_mel, n_mels] or None); slot c * frames_per_window + j is
-    frame j of window c, as the trainer's packer numbers them."""
+    None, audio_features [B, F, T_mel, n_mels] or None, audio_mel_mask [B, F, T_mel] or None);
+    slot c * frames_per_window + j is frame j of window c, as the trainer's packer numbers them."""
     from data_pipelines.template import Segment
 
     if len(texts) != len(waves):
@@ -196,20 +207,20 @@ def reply_prompts(m: Loaded, texts: list[str], waves: list):
         slots.append(s)
         windows.append(ws)
     if not any(windows):
-        return prompts, None, None
+        return prompts, None, None, None
     slot_arr = np.full((len(prompts), max(len(p) for p in prompts)), -1, np.int32)
     for i, s in enumerate(slots):
         slot_arr[i, : len(s)] = s
-    return prompts, slot_arr, _pack_windows(m, windows)
+    return (prompts, slot_arr) + _pack_windows(m, windows)
 
 
 def _reply(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig) -> list[str]:
     """One batched generation of text replies (see reply_prompts)."""
-    prompts, slots, feats = reply_prompts(m, texts, waves)
+    prompts, slots, feats, mel_mask = reply_inputs(m, texts, waves)
     longest = max(len(p) for p in prompts)
     gen = generator_for(m, len(prompts), longest + gen_cfg.max_new)
     out = generate(gen, prompts, gen_cfg, start_phase="text", audio_features=feats,
-                   audio_slots=slots)
+                   audio_slots=slots, audio_mel_mask=mel_mask)
     texts = []
     for segs in out:
         ids = [i for s in segs if s.modality == "text" for i in s.ids]

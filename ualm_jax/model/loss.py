@@ -6,8 +6,9 @@ Conventions
   belongs to the target token). Predictions never cross a segment boundary.
 - Stream k's logits: (h + e_k) @ head^T with e_0 = 0.
 - Objectives (`model.loss_objective`):
-  reference:  stream 0 over the full joint vocab; streams 1..K-1 over the whole audio range
-              (all K codebooks), as the authors' code trains.
+  reference:  stream 0 over the full joint vocab; streams 1..K-1 over the audio interval that
+              holds the target (`vocab.audio_loss_intervals(max_interval)`: the whole audio
+              range for X-codec's 8 x 1025 ids), as the authors' code trains.
   modality:   as reference, but stream 0 at audio targets is restricted to the audio range.
   consistent: stream k over codebook k's C+1 ids; stream 0 at audio targets over codebook 0,
               i.e. exactly what delay-aware decoding allows.
@@ -60,7 +61,7 @@ def _ce(logits, target_idx):
 
 
 def _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks: int, vocab: JointVocab,
-                objective: str):
+                objective: str, intervals: tuple = ()):
     """Loss sums for one chunk. h [B,C,d]; targets/weights [B,C,K]; tasks [B,C] (or None)."""
     k_streams = targets.shape[-1]
     hf = h
@@ -94,8 +95,14 @@ def _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks: int, vo
                 ce_streams[0] = jnp.where(is_audio0, ce_a0, ce0)
             if k_streams > 1:
                 hs = hf[:, :, None, :] + stream_emb[None, None, 1:k_streams].astype(dt)
-                la = jnp.einsum("bckd,vd->bckv", hs, audio_head, preferred_element_type=jnp.float32)
-                ce_a = _ce(la, jnp.clip(targets[..., 1:] - a0, 0, vocab.audio_size - 1))
+                tk = targets[..., 1:]
+                ce_a = jnp.zeros(tk.shape, jnp.float32)
+                # One softmax per interval; a target takes the CE of the interval holding it.
+                for lo, hi in intervals or ((a0, a1),):
+                    la = jnp.einsum("bckd,vd->bckv", hs, head[lo:hi],
+                                    preferred_element_type=jnp.float32)
+                    ce_i = _ce(la, jnp.clip(tk - lo, 0, hi - lo - 1))
+                    ce_a = jnp.where((tk >= lo) & (tk < hi), ce_i, ce_a)
                 ce_streams += [ce_a[..., k] for k in range(k_streams - 1)]
 
     ce = jnp.stack(ce_streams, axis=-1)  # [B,C,K]
@@ -117,9 +124,11 @@ def _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks: int, vo
 
 
 def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "reference",
-              chunk_size: int = 0, num_tasks: int = 0) -> LossSums:
+              chunk_size: int = 0, num_tasks: int = 0, max_interval: int = 0) -> LossSums:
     """Sums over the batch; divide `total` by `count` (after summing over microbatches/hosts).
-    With `num_tasks`, `batch["task_ids"]` [B,L] (-1 = none) splits the sums per task."""
+    With `num_tasks`, `batch["task_ids"]` [B,L] (-1 = none) splits the sums per task.
+    max_interval: model.max_loss_interval (0 = the whole audio range in one softmax)."""
+    intervals = tuple(vocab.audio_loss_intervals(max_interval))
     targets, weights = shift_targets(batch["tokens"], batch["loss_weights"], batch["segment_ids"])
     tasks = batch.get("task_ids") if num_tasks else None
     if tasks is not None:  # the task of a target token
@@ -127,7 +136,7 @@ def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "r
     b, l, _ = h.shape
     if not chunk_size or chunk_size >= l or l % chunk_size:
         return _chunk_sums(h, head, stream_emb, targets, weights, tasks, num_tasks, vocab,
-                           objective)
+                           objective, intervals)
 
     n = l // chunk_size
 
@@ -137,7 +146,7 @@ def loss_sums(h, head, stream_emb, batch, vocab: JointVocab, objective: str = "r
     @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
     def body(carry, xs):
         hc, tc, wc, kc = xs
-        s = _chunk_sums(hc, head, stream_emb, tc, wc, kc, num_tasks, vocab, objective)
+        s = _chunk_sums(hc, head, stream_emb, tc, wc, kc, num_tasks, vocab, objective, intervals)
         return jax.tree.map(jnp.add, carry, s), None
 
     task_chunks = split(tasks) if tasks is not None else jnp.zeros((n, b, chunk_size), jnp.int32) - 1

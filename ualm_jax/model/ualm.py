@@ -37,6 +37,10 @@ class Adapter(nn.Module):
         return dense(c.d_model, ("enc_embed", "embed"), "audio", dt, pdt, True)(x)
 
 
+def _zero_row0(init):
+    return lambda key, shape, dtype: init(key, shape, dtype).at[0].set(0)
+
+
 class UALM(nn.Module):
     cfg: ModelConfig
     decode: bool = False  # KV-cache decoding (ualm_jax/infer): same parameters, a 'cache' collection
@@ -50,9 +54,14 @@ class UALM(nn.Module):
         pdt = dtype_of(c.param_dtype)
         v = self.vocab.padded_size
         init = nn.initializers.normal(0.02)
-        self.embed = param_with_axes(self, "embed", init, (v, c.d_model), pdt, ("vocab", "embed"))
+        # Row 0 (pad) starts at zero, as the reference's padding_idx=0 table (and its head) do; the
+        # input table's row 0 is also never trained (train/freeze.py), so a pad contributes zero
+        # whether or not embed_tokens masks it.
+        self.embed = param_with_axes(self, "embed", _zero_row0(init), (v, c.d_model), pdt,
+                                     ("vocab", "embed"))
         if not c.tie_embeddings:
-            self.head = param_with_axes(self, "head", init, (v, c.d_model), pdt, ("vocab", "embed"))
+            self.head = param_with_axes(self, "head", _zero_row0(init), (v, c.d_model), pdt,
+                                        ("vocab", "embed"))
         self.stream_emb = param_with_axes(self, "stream_emb", init, (max(c.num_codebooks, 1), c.d_model),
                                           pdt, ("stream", "embed"))
         self.decoder = Decoder(c, self.decode, name="decoder")
@@ -69,7 +78,8 @@ class UALM(nn.Module):
         return head, emb
 
     def embed_tokens(self, tokens):
-        """Sum of the K stream embeddings; id 0 (pad) contributes zero."""
+        """Sum of the K stream embeddings; id 0 (pad) contributes zero (masked here, and row 0 is
+        zero anyway: the numbers equal the reference's plain padding_idx=0 lookup)."""
         dt = dtype_of(self.cfg.dtype)
         # Gather from a table whole along `embed` (FSDP all-gathers it, as for any weight):
         # gathering from an embed-sharded table forces a full reshard in the backward pass.

@@ -71,6 +71,25 @@ class JointVocab:
     def codebook_pads(self) -> np.ndarray:
         return np.array([self.codebook_pad(k) for k in range(self.num_codebooks)], np.int32)
 
+    def audio_loss_intervals(self, max_interval: int = 0) -> list:
+        """[(start, end)] id ranges over which streams 1..K-1 take their softmax: whole codebooks
+        grouped as the reference groups them (one interval is closed, including the codebook that
+        crossed max_interval, as soon as it spans more than max_interval ids; so an interval can
+        exceed the limit by one codebook: 8 x 2049 ids -> 7 + 1 codebooks). 0 = one interval."""
+        if not self.num_codebooks:
+            return []
+        if max_interval <= 0:
+            return [(self.audio_offset, self.size)]
+        out, cur, end = [], self.codebook_start(0), self.codebook_start(0) + self.codebook_stride
+        for k in range(1, self.num_codebooks):
+            end = self.codebook_start(k) + self.codebook_stride
+            if end - cur > max_interval:
+                out.append((cur, end))
+                cur = end
+        if end > cur:
+            out.append((cur, end))
+        return out
+
     # Conversions ------------------------------------------------------------------------------
     def text_to_joint(self, text_ids):
         return np.asarray(text_ids, np.int64) + self.text_offset

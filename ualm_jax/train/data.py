@@ -26,18 +26,20 @@ def make_train_iterator(cfg):
         return make_config_iterator(cfg, "train")
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.seed, tasks=TASKS,
-                            weights=weights)
+                            weights=weights, **_template_args(cfg))
 
 
 def _preference_iterator(cfg, split):
     from data_pipelines.build import open_source
     from data_pipelines.preference_batches import PreferenceBatches
+    from data_pipelines.staging import local_build_dir
     from ualm_jax.model.vocab import JointVocab
 
     if cfg.train.batch_size % 2:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be even for DPO "
                          "(half chosen, half rejected rows)")
-    return PreferenceBatches(open_source(cfg.data.preference_path, split),
+    path = local_build_dir(cfg.data.preference_path, cfg.data.stage_dir, "data.preference_path")
+    return PreferenceBatches(open_source(path, split),
                              JointVocab.from_model_config(cfg.model), cfg.train.batch_size // 2,
                              cfg.train.seq_len, seed=cfg.seed,
                              offline_reference=cfg.dpo.reference == "offline")
@@ -54,7 +56,13 @@ def make_eval_iterator(cfg):
         return make_config_iterator(cfg, "validation")
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.data.eval_seed,
-                            tasks=TASKS, weights=weights)
+                            tasks=TASKS, weights=weights, **_template_args(cfg))
+
+
+def _template_args(cfg) -> dict:
+    """The loss weights the config asks of the synthetic stream (it has no reasoning rows)."""
+    return {"supervise_headers": cfg.data.supervise_headers == "assistant",
+            "stream_weights": cfg.model.audio_stream_weights()}
 
 
 def task_names(cfg) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import optax
 
 from ualm_jax.model.loss import loss_sums, shift_targets
 from ualm_jax.model.ualm import UALM
+from ualm_jax.train.step import all_finite
 
 
 def dpo_terms(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -28,7 +29,7 @@ def dpo_terms(pi_c, pi_r, ref_c, ref_r, beta: float):
 def sequence_logprobs(model: UALM, params, batch):
     h, head, emb = model.apply({"params": params}, batch, method=UALM.hidden_and_output)
     sums = loss_sums(h, head, emb, batch, model.vocab, model.cfg.loss_objective,
-                     model.cfg.loss_chunk_size)
+                     model.cfg.loss_chunk_size, max_interval=model.cfg.max_loss_interval)
     return -sums.per_row
 
 
@@ -61,7 +62,7 @@ def make_dpo_step(model: UALM, tx: optax.GradientTransformation, beta: float,
         grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         new_state = {"step": state["step"] + 1, "params": keep(new_params, state["params"]),
                      "opt_state": keep(new_opt, state["opt_state"])}

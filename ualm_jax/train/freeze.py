@@ -6,6 +6,8 @@ align:  only the adapter, the stream embeddings and the audio rows of the input 
         head; every other row and parameter stays bit-identical.
 custom: everything; combine with train.freeze globs.
 `train.freeze` globs (fnmatch on 'a/b/c' names, e.g. 'decoder/layers/*') freeze more in any stage.
+In every stage row 0 (pad) of the input table stays frozen at zero, like the reference's
+padding_idx=0 row: a pad id then adds nothing to the summed input embedding, masked or not.
 
 A spec leaf is True (train), False (frozen: no update, no optimiser state) or a [rows, 1] float
 mask (only rows with 1 are trained; used for the vocab tables in `align`).
@@ -30,6 +32,11 @@ def trainable_spec(params, model_cfg, train_cfg):
         m[vocab.audio_offset:vocab.size] = 1.0
         return m
 
+    def all_but_pad(shape):
+        m = np.ones((shape[0], 1), np.float32)
+        m[0] = 0.0
+        return m
+
     def one(name, x):
         top = name.split("/")[0]
         if any(fnmatch.fnmatchcase(name, g) for g in train_cfg.freeze):
@@ -42,6 +49,8 @@ def trainable_spec(params, model_cfg, train_cfg):
             if top in ("embed", "head"):
                 return rows_mask(x.shape)
             return False
+        if top == "embed":
+            return all_but_pad(x.shape)
         return True
 
     return jax.tree.map(one, names, params)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ualm_jax import sigterm
 from ualm_jax.checkpoint import Checkpointer, load_params, with_shardings
 from ualm_jax.config import Config
 from ualm_jax.model.flops import flops_per_token
@@ -17,7 +18,7 @@ from ualm_jax.model.loss import LossSums
 from ualm_jax.model.params import abstract_params, build_model, param_table
 from ualm_jax.sharding import make_mesh
 from ualm_jax.train import data as data_lib
-from ualm_jax.train import freeze, rundir
+from ualm_jax.train import freeze, lease, rundir
 from ualm_jax.train.metrics import MetricsWriter
 from ualm_jax.train.mfu import mfu, peak_flops_per_device
 from ualm_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -31,10 +32,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the current step and exits 0."""
+    """SIGTERM sets a flag; the loop saves at the current step and exits 0. A SIGTERM recorded
+    earlier (ualm_jax.sigterm, installed first thing by `ualm train`) counts as already set."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = sigterm.requested()
         self._old = None
 
     def __enter__(self):
@@ -44,6 +46,8 @@ class _Preemption:
             self._old = signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread: rely on Orbax's preemption check only
             self._old = None
+        # Read after taking over: a SIGTERM in between lands in one of the two flags.
+        self.requested = self.requested or sigterm.requested()
         return self
 
     def __exit__(self, *exc):
@@ -81,9 +85,17 @@ def build_components(cfg: Config):
 
 def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = None) -> dict:
     """Trains to cfg.train.steps (resuming from the run dir's latest checkpoint). Returns a
-    summary. `max_steps_this_run` stops early as if preempted (used by tests)."""
+    summary. `max_steps_this_run` stops early as if preempted (used by tests). The run dir is
+    probed, then leased to this job for the whole run (train/lease.py)."""
+    if sigterm.requested():  # terminated during imports: nothing to set up, nothing to save
+        return _nothing_trained(run_dir, None)
+    path = rundir.prepare(run_dir, cfg.train.probe_timeout_s)
+    with lease.hold(path):
+        return _train(cfg, path, max_steps_this_run)
+
+
+def _train(cfg: Config, path, max_steps_this_run: int | None) -> dict:
     t = cfg.train
-    path = rundir.prepare(run_dir)
     rundir.check_same_model(path, cfg)
     is_main = jax.process_index() == 0
 
@@ -137,7 +149,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     gen_hook = GenerationHook(cfg)
     held_out = HeldOut(cfg)
     prefetch = data_lib.Prefetcher(train_iter, mesh, rules, names)
-    step, skipped, preempted = start, 0, False
+    step, skipped, preempted, nothing_trained = start, 0, False, False
     pending = None  # (step, device metrics, task mix): logged one step later, never blocking
     last_eval = first_loss = None
     data_state = train_iter.get_state()
@@ -153,7 +165,8 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
             first_loss = rec
         skipped += rec["skipped"]
         if rec["skipped"] and t.nan_policy == "stop":
-            raise NonFiniteLoss(f"non-finite loss or gradient at step {s} (loss={rec['loss']}, "
+            raise NonFiniteLoss(f"non-finite loss, gradient or update at step {s} "
+                                f"(loss={rec['loss']}, "
                                 f"grad_norm={rec['grad_norm']}); batch task mix (tokens): {mix}")
         if s % t.log_every == 0 or s == stop_at:
             now = time.perf_counter()
@@ -167,6 +180,9 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
     try:
         with _Preemption() as preemption:
             while step < stop_at:
+                if step == start and preemption.requested:  # SIGTERM during set-up
+                    nothing_trained = True
+                    break
                 batch, data_state, mix = next(prefetch)
                 state, metrics = step_fn(state, batch)
                 step += 1
@@ -178,7 +194,7 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                     pending = None
                     last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step, held_out)
                     last_eval.update(gen_hook(state["params"], step))
-                    writer.write(last_eval)
+                    writer.write(last_eval, flush=True)
                 if preemption.requested or ckpt.reached_preemption(step):
                     preempted = True
                     break
@@ -186,21 +202,32 @@ def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = Non
                     ckpt.save(step, state, data_lib.gather_data_state(data_state))
             if pending is not None:
                 flush(pending)
-            if step == t.steps and t.eval_batches and t.objective == "lm" and not (t.eval_every and step % t.eval_every == 0):
+            stopped_early = step < t.steps
+            if nothing_trained:
+                pass  # no eval, no checkpoint: the run dir's latest step (if any) is unchanged
+            elif step == t.steps and t.eval_batches and t.objective == "lm" and not (t.eval_every and step % t.eval_every == 0):
                 last_eval = evaluate(eval_fn, state["params"], cfg, mesh, names, step, held_out)
                 last_eval.update(gen_hook(state["params"], step))
-                writer.write(last_eval)
-            stopped_early = step < t.steps
-            if ckpt.latest_step() != step:
+                writer.write(last_eval, flush=True)
+            if not nothing_trained and ckpt.latest_step() != step:
                 ckpt.save(step, state, data_lib.gather_data_state(data_state), force=True)
     finally:
         prefetch.close()
         ckpt.close()
         writer.close()
+    if nothing_trained:
+        return _nothing_trained(path, state, step)
     if preempted:
         print(f"preempted: saved step {step}, exiting cleanly", flush=True)
     return {"step": step, "preempted": preempted or stopped_early, "skipped_steps": skipped,
             "state": state, "run_dir": str(path), "eval": last_eval, "first_loss": first_loss}
+
+
+def _nothing_trained(run_dir, state, step: int = 0) -> dict:
+    """The summary of a run stopped by SIGTERM before its first step (no checkpoint written)."""
+    print("stopped before the first step: nothing was trained", flush=True)
+    return {"step": step, "preempted": True, "nothing_trained": True, "skipped_steps": 0,
+            "state": state, "run_dir": str(run_dir), "eval": None, "first_loss": None}
 
 
 def _dpo_step_fn(cfg, model, tx, schedule, shardings, b_shard, mesh, info):

@@ -2,42 +2,36 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-from pathlib import Path
 
 import numpy as np
 import yaml
 
+from ualm_jax import storage
 from ualm_jax.config import ConfigError
 from ualm_jax.model.flops import FORMULA, flops_per_token
 
 
-def prepare(run_dir: str | Path) -> Path:
-    """Creates the directory and proves it is writable, with a clear error if not."""
-    path = Path(run_dir)
+def prepare(run_dir, timeout: float = 60.0):
+    """Creates the directory (local or gs://) and proves it writable with a probe write, before
+    anything is compiled; the error names the path and, for URLs, endpoint and credentials."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}"  # one per process
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"run dir {path} is not writable: {e.strerror or e}") from e
-    return path
+        return storage.probe_writable(run_dir, timeout)
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from e
 
 
-def check_free_disk(path: Path, checkpoint_bytes: int, factor: float) -> None:
-    free = shutil.disk_usage(path).free
+def check_free_disk(path, checkpoint_bytes: int, factor: float) -> None:
+    """Local disks only: object storage has no free-space figure to check."""
+    free = storage.free_bytes(path)
     need = int(checkpoint_bytes * factor)
-    if free < need:
+    if free is not None and free < need:
         raise ConfigError(
             f"run dir {path} has {free / 2**30:.2f} GiB free, but one checkpoint takes "
             f"{checkpoint_bytes / 2**30:.2f} GiB and train.min_free_disk_factor={factor} asks for "
             f"{need / 2**30:.2f} GiB; free space or lower the factor")
 
 
-def check_same_model(path: Path, cfg) -> None:
+def check_same_model(path, cfg) -> None:
     """Resuming with another model shape fails here, naming the keys, not deep inside Orbax."""
     old_file = path / "config.yaml"
     if not old_file.exists() or not any((path / "checkpoints").glob("*")):
@@ -62,7 +56,7 @@ def _get(d, dotted):
     return d
 
 
-def write_start_files(path: Path, cfg, param_rows: list[dict], trainable: int) -> None:
+def write_start_files(path, cfg, param_rows: list[dict], trainable: int) -> None:
     (path / "config.yaml").write_text(cfg.to_yaml())
     total = sum(r["count"] for r in param_rows)
     lines = ["name\tshape\tdtype\tlogical_axes\tmesh_sharding\tcount"]

@@ -1,5 +1,6 @@
 """The train step, top to bottom: forward -> weighted multi-stream loss -> grads (accumulated
-over microbatches) -> clip + AdamW -> skip the update if anything is non-finite."""
+over microbatches) -> clip + AdamW -> skip the update if the loss, gradient or update is
+non-finite."""
 from __future__ import annotations
 
 import jax
@@ -18,7 +19,7 @@ def make_loss_fn(model: UALM, num_tasks: int = 0):
     def loss_fn(params, batch):
         h, head, emb = model.apply({"params": params}, batch, method=UALM.hidden_and_output)
         sums = loss_sums(h, head, emb, batch, vocab, cfg.loss_objective, cfg.loss_chunk_size,
-                         num_tasks)
+                         num_tasks, cfg.max_loss_interval)
         return sums.total, sums
 
     return loss_fn
@@ -62,6 +63,14 @@ def _apply_row_masks(tree, masks: dict | None):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def all_finite(tree) -> jax.Array:
+    """True iff every element of every leaf is finite (exact: no norm that could overflow)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
 def make_train_step(model: UALM, tx: optax.GradientTransformation, schedule=None,
                     microbatches: int = 1, num_tasks: int = 0, row_masks=None):
     """`row_masks`: {parameter name: [rows,1] mask} for partially frozen tables."""
@@ -75,9 +84,11 @@ def make_train_step(model: UALM, tx: optax.GradientTransformation, schedule=None
         loss = sums.total / count
         grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, _apply_row_masks(updates, row_masks))
-        # A non-finite loss or gradient never reaches the weights: keep the old state.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates = _apply_row_masks(updates, row_masks)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss, gradient or update (a finite gradient through a broken optimiser
+        # state) never reaches the weights: keep the old state.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         new_state = {
             "step": state["step"] + 1,

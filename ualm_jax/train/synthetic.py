@@ -20,9 +20,15 @@ TASKS = ("text", "caption", "t2a")
 class SyntheticStream:
     def __init__(self, vocab: JointVocab, batch: int, seq: int, seed: int = 0,
                  n_mels: int = 0, mel_frames: int = 0, frames_per_clip: int = 0,
-                 tasks=TASKS, weights=None, text_only: bool = False):
+                 tasks=TASKS, weights=None, text_only: bool = False,
+                 supervise_headers: bool = False, stream_weights=None):
+        """supervise_headers: weight 1 on the assistant `<assistant><modality>` header (the
+        reference's template); stream_weights: K weights of assistant audio (None = 1/K)."""
         self.vocab, self.batch, self.seq, self.seed = vocab, batch, seq, seed
         self.k = max(vocab.num_codebooks, 1)
+        self.header_w = 1.0 if supervise_headers else 0.0
+        self.audio_w = (np.full(self.k, 1.0 / self.k, np.float32) if stream_weights is None
+                        else np.asarray(stream_weights, np.float32))
         self.n_mels, self.mel_frames, self.frames_per_clip = n_mels, mel_frames, frames_per_clip
         self.text_only = text_only or vocab.num_codebooks == 0
         given = dict(zip(tasks, np.ones(len(tasks)) if weights is None else weights))
@@ -70,17 +76,18 @@ class SyntheticStream:
         words = rng.integers(0, self.words, n)
         if task == "text":
             add([V.USER, V.TEXT] + self._text(words) + [V.EOS], 0.0)
-            add([V.ASSISTANT, V.TEXT], 0.0)
+            add([V.ASSISTANT, V.TEXT], self.header_w)
             add(self._text((words * 7 + 3) % self.words) + [V.EOS], 1.0)
         elif task == "caption":
             add([V.USER, V.TEXT] + self._text([1, 2]) + [V.EOT, V.USER, V.AUDIO], 0.0)
             start = len(toks)
             add([V.PAD] * self.frames_per_clip + [V.EOS], 0.0)
             slots = list(range(start, start + self.frames_per_clip))
-            add([V.ASSISTANT, V.TEXT], 0.0)
+            add([V.ASSISTANT, V.TEXT], self.header_w)
             add(self._text(words) + [V.EOS], 1.0)
         else:  # t2a
-            add([V.USER, V.TEXT] + self._text(words) + [V.EOS, V.ASSISTANT, V.AUDIO], 0.0)
+            add([V.USER, V.TEXT] + self._text(words) + [V.EOS], 0.0)
+            add([V.ASSISTANT, V.AUDIO], self.header_w)
             t = 2 * n
             codes = np.stack([(np.repeat(words, 2) * (j + 1) + j) % vb.codebook_size
                               for j in range(vb.num_codebooks)], axis=1)
@@ -122,7 +129,7 @@ class SyntheticStream:
                 wa = np.asarray(w, np.float32)
                 for p, row in rows.items():
                     tokens[r, cur + p] = row
-                    weights[r, cur + p] = wa[p]
+                    weights[r, cur + p] = self.audio_w
                 text_pos = np.array([p for p in range(len(toks)) if p not in rows], int)
                 weights[r, cur + text_pos, 0] = wa[text_pos]
                 if ex_slots:
