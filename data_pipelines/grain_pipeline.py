@@ -112,13 +112,15 @@ class Renderer:
 
     def __init__(self, vocab: JointVocab, layout: AudioLayout, task: int = 0, seed: int = 0,
                  cfg_dropout: float = 0.0, name: str = "", supervise_headers: str = "reasoning",
-                 stream_weights=None):
+                 stream_weights=None, text_id0_as_pad: bool = False):
         """supervise_headers: data.supervise_headers (assistant | reasoning | none);
-        stream_weights: model.stream_weights resolved (None = 1/K each)."""
+        stream_weights: model.stream_weights resolved (None = 1/K each);
+        text_id0_as_pad: data.text_id0_as_pad (text id 0 -> pad, as the reference)."""
         if supervise_headers not in ("assistant", "reasoning", "none"):
             raise ValueError(f"supervise_headers={supervise_headers!r} is not one of assistant, "
                              "reasoning, none")
         self.supervise_headers = supervise_headers
+        self.text_id0_as_pad = bool(text_id0_as_pad)
         self.stream_weights = None if stream_weights is None else tuple(stream_weights)
         self.vocab, self.layout, self.task, self.seed = vocab, layout, task, seed
         self.cfg_dropout, self.name = float(cfg_dropout), name or f"task {task}"
@@ -164,7 +166,7 @@ class Renderer:
         ex = render(segments, self.vocab, cfg_dropout_rng=rng, cfg_dropout_prob=self.cfg_dropout,
                     supervise_continuation_headers=reason,
                     supervise_headers=self.supervise_headers == "assistant",
-                    stream_weights=self.stream_weights)
+                    stream_weights=self.stream_weights, text_id0_as_pad=self.text_id0_as_pad)
         clips = []
         if not ex.cfg_dropped:  # a dropped example keeps only its target audio: no encoder input
             t = self.layout.mel_frames
@@ -462,8 +464,10 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
     cfg_dropout = float(_get(cfg_data, "cfg_dropout", 0.0) or 0.0) if split == "train" else 0.0
     names = [e.name for e in entries]
     headers = str(_get(cfg_data, "supervise_headers", "assistant") or "assistant")
+    id0_pad = bool(_get(cfg_data, "text_id0_as_pad", False))
     renderers = [Renderer(vocab, layout, i, seed, cfg_dropout, name=f"mixture task {e.name!r}",
-                          supervise_headers=headers, stream_weights=stream_weights)
+                          supervise_headers=headers, stream_weights=stream_weights,
+                          text_id0_as_pad=id0_pad)
                  for i, e in enumerate(entries)]
     fits = {n: functools.partial(r.packed_length, seq_len=seq_len) for n, r in zip(names, renderers)}
     means = mix.resolve_mean_tokens(entries, sources, fits, mean_tokens, estimate_records)

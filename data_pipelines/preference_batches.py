@@ -16,14 +16,16 @@ from data_pipelines.template import render
 
 class PreferenceBatches:
     def __init__(self, source, vocab, pairs_per_batch: int, seq_len: int, seed: int = 0,
-                 offline_reference: bool = False):
+                 offline_reference: bool = False, text_id0_as_pad: bool = False):
         """pairs_per_batch: global; every process builds the same global batch and the trainer
-        places its own rows (train/data.py), so pairs never straddle a layout change."""
+        places its own rows (train/data.py), so pairs never straddle a layout change.
+        text_id0_as_pad: data.text_id0_as_pad (text id 0 -> pad, as the reference)."""
         if len(source) == 0:
             raise ValueError("the preference source holds no pairs")
         self.source, self.vocab = source, vocab
         self.pairs, self.seq_len, self.seed = pairs_per_batch, seq_len, seed
         self.offline = offline_reference
+        self.text_id0_as_pad = bool(text_id0_as_pad)
         self.k = max(vocab.num_codebooks, 1)
         self.next = 0  # next pair (in the seeded order)
         self.too_long = 0
@@ -43,7 +45,7 @@ class PreferenceBatches:
         return int(np.random.default_rng([self.seed, epoch]).permutation(n)[j])
 
     def _row(self, segments):
-        ex = render(segments, self.vocab)
+        ex = render(segments, self.vocab, text_id0_as_pad=self.text_id0_as_pad)
         if len(ex) > self.seq_len:
             return None
         tokens = np.zeros((self.seq_len, self.k), np.int32)

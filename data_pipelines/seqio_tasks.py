@@ -126,7 +126,8 @@ def register_tasks(sources: Mapping[str, object], cfg_data, vocab: JointVocab, s
     layout = AudioLayout(n_mels, mel_frames, frames_per_window, int(get("max_clips_per_row", 0) or 0))
     cfg_dropout = float(get("cfg_dropout", 0.0) or 0.0)
     split_sources = {e.name: _split_sources(sources[e.name], split) for e in entries}
-    renderers = {e.name: Renderer(vocab, layout, i, seed, cfg_dropout, f"mixture task {e.name!r}")
+    renderers = {e.name: Renderer(vocab, layout, i, seed, cfg_dropout, f"mixture task {e.name!r}",
+                                  text_id0_as_pad=bool(get("text_id0_as_pad", False)))
                  for i, e in enumerate(entries)}
     lengths = {n: functools.partial(r.packed_length, seq_len=seq_len) for n, r in renderers.items()}
     means = mix.resolve_mean_tokens(entries, {n: s[split] for n, s in split_sources.items()},

@@ -95,14 +95,19 @@ def _stream0(ids, weight: float, k: int):
 
 
 def _render_segment(seg: Segment, closer: int, vocab: JointVocab, k: int,
-                    supervise_header: bool, audio_weights: np.ndarray):
+                    supervise_header: bool, audio_weights: np.ndarray,
+                    text_id0_as_pad: bool = False):
     """-> (rows [n, K], weights [n, K], encoder_slot (offset, n) or None) for one segment."""
     out = seg.role == "assistant"
     header, header_w = _stream0([ROLES[seg.role], MODALITIES[seg.modality]],
                                 float(out and supervise_header), k)
     slot = None
     if seg.modality == "text":
-        body, body_w = _stream0(_text_ids(seg, vocab), float(out), k)
+        ids = _text_ids(seg, vocab)
+        if text_id0_as_pad:  # the reference's rule: text id 0 is pad (zero embedding, no loss)
+            ids = np.where(ids == vocab.text_offset, V.PAD, ids)
+        body, body_w = _stream0(ids, float(out), k)
+        body_w[body[:, 0] == V.PAD] = 0.0
     elif seg.is_encoder_input:
         if out:
             raise ValueError("assistant audio must be codec codes: encoder frames are input only")
@@ -131,7 +136,8 @@ def _cfg_target(segments: Sequence[Segment]) -> Optional[int]:
 def render(segments: Sequence[Segment], vocab: JointVocab, *,
            cfg_dropout_rng: Optional[np.random.Generator] = None, cfg_dropout_prob: float = 0.0,
            supervise_continuation_headers: bool = False, supervise_headers: bool = False,
-           stream_weights: Optional[Sequence[float]] = None) -> Example:
+           stream_weights: Optional[Sequence[float]] = None,
+           text_id0_as_pad: bool = False) -> Example:
     """Segments -> Example (tokens [L, K], loss_weights [L, K], encoder slots).
 
     CFG dropout (UALM-Gen): when `cfg_dropout_rng` is given, exactly one uniform is drawn from it
@@ -147,6 +153,8 @@ def render(segments: Sequence[Segment], vocab: JointVocab, *,
     supervise_headers: train the header of EVERY assistant segment (`<assistant>` and its modality,
     weight 1 in stream 0), as the reference does: the model learns to choose the modality.
     stream_weights: K loss weights of assistant audio positions (default 1/K each).
+    text_id0_as_pad: text token id 0 becomes pad 0 with loss weight 0 in every text segment, as
+    the reference's preprocessing does (data.text_id0_as_pad); off: it is joint id text_offset.
     """
     if not segments:
         raise ValueError("render needs at least one segment")
@@ -166,7 +174,7 @@ def render(segments: Sequence[Segment], vocab: JointVocab, *,
         closer = V.EOT if nxt is not None and nxt.role == seg.role else V.EOS
         continues = i > 0 and segments[i - 1].role == seg.role
         header = supervise_headers or (supervise_continuation_headers and continues)
-        r, w, slot = _render_segment(seg, closer, vocab, k, header, audio_weights)
+        r, w, slot = _render_segment(seg, closer, vocab, k, header, audio_weights, text_id0_as_pad)
         if slot is not None:
             slots.append((cur + slot[0], slot[1]))
         spans.append((cur, cur + len(r)))

@@ -12,31 +12,6 @@ def tone(freq, seconds, sr=SR):
     return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def tiny_xcodec_dir(tmp_path_factory):
-    """X-codec's real architecture at toy width (HuBERT + DAC, hop 320, 1024 codes), random
-    weights and random codebooks (transformers initialises codebooks to zero), saved like a hub
-    checkpoint."""
-    torch = pytest.importorskip("torch")
-    from transformers import XcodecConfig, XcodecModel
-
-    torch.manual_seed(0)
-    cfg = XcodecConfig(
-        target_bandwidths=[0.5, 1.0, 2.0], codebook_size=1024,  # 0.5 kbps per codebook at 50 Hz
-        acoustic_model_config=dict(encoder_hidden_size=4, decoder_hidden_size=16, hidden_size=8,
-                                   downsampling_ratios=[8, 5, 4, 2], upsampling_ratios=[8, 5, 4, 2]),
-        semantic_model_config=dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=16, conv_dim=[8] * 7, num_conv_pos_embeddings=16,
-                                   num_conv_pos_embedding_groups=2))
-    model = XcodecModel(cfg).eval()
-    with torch.no_grad():
-        for q in model.quantizer.quantizers:
-            q.codebook.embed.copy_(torch.randn_like(q.codebook.embed))
-    path = tmp_path_factory.mktemp("xcodec")
-    model.save_pretrained(path)
-    return str(path)
-
-
 def test_xcodec_local_load_encode_decode(tiny_xcodec_dir):
     codec = load_codec(tiny_xcodec_dir)
     assert isinstance(codec, XCodec)

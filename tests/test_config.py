@@ -107,6 +107,9 @@ def test_shipped_configs_use_the_mixture_presets(name):
     ("train.min_free_disk_factor=nan", r"train.min_free_disk_factor=nan must be a finite number >= 0"),
     ("train.seq_len=3", r"train.seq_len=3 must be >= 8"),
     ("train.probe_timeout_s=0", r"train.probe_timeout_s=0.0 must be a finite number > 0"),
+    ("dpo.beta=nan", r"dpo.beta=nan must be a finite number > 0"),
+    ("dpo.ce_weight=-1", r"dpo.ce_weight=-1.0 must be a finite number >= 0"),
+    ("eval.cfg_scale=nan", r"eval.cfg_scale=nan must be a finite number > 0"),
 ])
 def test_out_of_range_optimiser_and_train_values_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):

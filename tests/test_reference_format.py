@@ -31,28 +31,6 @@ TINY = ["model.preset=tiny", "model.dtype=float32"]
 
 
 # Fixtures -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def xcodec_dir(tmp_path_factory):
-    """A tiny random X-codec (transformers' architecture, 4 codebooks of 1024 at 2 kbps)."""
-    from transformers import XcodecConfig, XcodecModel
-
-    torch.manual_seed(0)
-    cfg = XcodecConfig(
-        target_bandwidths=[0.5, 1.0, 2.0], codebook_size=1024,
-        acoustic_model_config=dict(encoder_hidden_size=4, decoder_hidden_size=16, hidden_size=8,
-                                   downsampling_ratios=[8, 5, 4, 2], upsampling_ratios=[8, 5, 4, 2]),
-        semantic_model_config=dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=16, conv_dim=[8] * 7, num_conv_pos_embeddings=16,
-                                   num_conv_pos_embedding_groups=2))
-    model = XcodecModel(cfg).eval()
-    with torch.no_grad():
-        for q in model.quantizer.quantizers:
-            q.codebook.embed.copy_(torch.randn_like(q.codebook.embed))
-    path = tmp_path_factory.mktemp("xcodec")
-    model.save_pretrained(path)
-    return str(path)
-
-
 def make_run(path, overrides=(), seed=0):
     """A run directory holding random params scaled up so logits are O(1): row 0 of the input
     table stays zero (as the model initialises it), stream_emb row 0 is NOT zero (the reference
@@ -235,20 +213,20 @@ def our_forward(cfg, params, batch):
 
 # Tests --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["spectral", "xcodec", "split_intervals"])
-def test_reference_forward_matches_ours(tmp_path, variant, xcodec_dir):
+def test_reference_forward_matches_ours(tmp_path, variant, tiny_xcodec_dir):
     over = []
     if variant == "xcodec":  # the codec's own C and K
-        over = ["model.codebook_size=1024", f"data.codec={xcodec_dir}"]
+        over = ["model.codebook_size=1024", f"data.codec={tiny_xcodec_dir}"]
     if variant == "split_intervals":  # 4 codebooks of 33 ids, at most 70 -> intervals of 3 + 1
         over = ["model.max_loss_interval=70"]
     cfg, params = make_run(tmp_path / "run", over)
     out = tmp_path / "ref"
     assert export(tmp_path / "run", out, "ualm-reference") == out and verify(out)
     k = cfg.model.num_codebooks
-    lm, sd = reference_module(out, k, xcodec_dir if variant == "xcodec" else None)
+    lm, sd = reference_module(out, k, tiny_xcodec_dir if variant == "xcodec" else None)
     codec_names = [n for n in sd if n.startswith(CODEC)]
     if variant == "xcodec":
-        expected = transformers.XcodecModel.from_pretrained(xcodec_dir).state_dict()
+        expected = transformers.XcodecModel.from_pretrained(tiny_xcodec_dir).state_dict()
         assert sorted(codec_names) == sorted(CODEC + n for n in expected)
         assert all(torch.equal(sd[CODEC + n], t) for n, t in expected.items())
         assert "multimodal_io_dict.discrete_audio.codec_model.quantizer.quantizers.0.codebook.embed" in sd

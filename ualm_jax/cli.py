@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from ualm_jax import sigterm
@@ -156,7 +158,7 @@ def _generate(args) -> int:
     m = load(args.checkpoint, args.tokenizer, args.codec)
     gen_cfg = GenerationConfig(max_new=args.max_new, cfg_scale=args.cfg, seed=args.seed,
                                top_k=args.top_k, audio_temperature=args.temperature,
-                               max_audio_frames=args.max_audio_frames)
+                               max_audio_frames=args.max_audio_frames, uncond=args.uncond)
     if args.task == "text-to-audio":
         if m.codec is None:
             raise ValueError("no codec to decode audio: pass --codec DIR or set data.codec")
@@ -257,7 +259,12 @@ def _add_mixture_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ualm_jax.infer.tasks import add_generation_args
 
-    p = argparse.ArgumentParser(prog="ualm", description="Train, evaluate and export UALM models.")
+    p = argparse.ArgumentParser(prog="ualm", description="Train, evaluate and export UALM models.",
+                                epilog="An expected failure (a bad input file or field, a full "
+                                "disk, a permission, an unreachable path) prints one line naming "
+                                "the file or key and exits with 2; --debug shows its traceback.")
+    p.add_argument("--debug", action="store_true",
+                   help="errors keep their full traceback (also UALM_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a run from a config")
@@ -372,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["train"]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if [a for a in argv if a != "--debug"][:1] == ["train"]:
         sigterm.install()  # first: SIGTERM during the imports below stops cleanly, not with 143
         try:
             return _main(argv)
@@ -381,9 +389,62 @@ def main(argv=None) -> int:
     return _main(argv)
 
 
+def expected_error(e: BaseException) -> str | None:
+    """One line for an expected failure (a bad input file or field, a full disk, a permission, an
+    unreachable path); None for anything else, which keeps its traceback."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "no space left on device" + (f" writing {e.filename}" if e.filename else "")
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        SafetensorError = ValueError
+    if not isinstance(e, (ConfigError, OSError, ValueError, KeyError, SafetensorError)):
+        return None
+    text = e.args[0] if isinstance(e, KeyError) and e.args else e
+    text = " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    text = text or type(e).__name__
+    return text if len(text) <= 800 else text[:797] + "..."
+
+
+def _is_closed_loop_echo(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def quiet_closed_loop_echoes() -> None:
+    """After a failed save or read, orbax/tensorstore callbacks (and object-store clients' sessions
+    at exit) may still reach an asyncio loop that is already closed, each printing an ignored
+    'RuntimeError: Event loop is closed'. The error itself is reported once; those echoes are
+    dropped (both hooks pass everything else on unchanged)."""
+    if getattr(sys.unraisablehook, "quiet_closed_loop", False):
+        return
+    import threading
+
+    unraisable, thread = sys.unraisablehook, threading.excepthook
+
+    def unraisable_hook(args):
+        if not _is_closed_loop_echo(args.exc_value):
+            unraisable(args)
+
+    def thread_hook(args):
+        if not _is_closed_loop_echo(args.exc_value):
+            thread(args)
+
+    unraisable_hook.quiet_closed_loop = thread_hook.quiet_closed_loop = True
+    sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+
+
+def debug_requested(args=None) -> bool:
+    """`ualm --debug CMD ...` or UALM_DEBUG=1: errors keep their traceback."""
+    return bool(getattr(args, "debug", False)) or \
+        os.environ.get("UALM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _main(argv) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also accepted after the command
+        extra = [e for e in extra if e != "--debug"]
+        args.debug = True
     # Dotted overrides may follow options (`import-hf DIR --out X model.k=v`).
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides or []) + extra
@@ -391,12 +452,15 @@ def _main(argv) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"ualm: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"ualm {args.command}: error: {msg}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - expected failures become one line, the rest re-raise
+        msg = expected_error(e)
+        if msg is None or debug_requested(args):
+            raise
+        quiet_closed_loop_echoes()
+        if isinstance(e, ConfigError):
+            print(f"ualm: config error: {msg}", file=sys.stderr)
+        else:
+            print(f"ualm {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

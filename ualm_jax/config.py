@@ -277,6 +277,9 @@ class DataConfig:
     # modality); reasoning = only headers continuing an assistant turn in reasoning records;
     # none = headers are always forced.
     supervise_headers: str = "assistant"
+    # true: text token id 0 (Qwen's "!") renders as pad 0 with no loss, as the reference's
+    # preprocessing does; false (ours): it stays joint id text_offset like any other text id.
+    text_id0_as_pad: bool = False
     read_threads: int = 0  # Grain ReadOptions.num_threads (0 measured fastest on small hosts)
     prefetch: int = 2  # batches prepared ahead of the step
     eval_seed: int = 1234  # held-out batches come from a disjoint seed
@@ -319,8 +322,10 @@ class DPOConfig:
 
     def validate(self, prefix: str = "dpo") -> None:
         _choice(f"{prefix}.reference", self.reference, ("online", "offline"))
-        if self.beta <= 0:
-            raise ConfigError(f"{prefix}.beta={self.beta} must be positive")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"{prefix}.beta={self.beta} must be a finite number > 0")
+        if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
+            raise ConfigError(f"{prefix}.ce_weight={self.ce_weight} must be a finite number >= 0")
 
 
 @dataclass
@@ -335,8 +340,8 @@ class EvalConfig:
     def validate(self, prefix: str = "eval") -> None:
         if self.max_prompts < 1:
             raise ConfigError(f"{prefix}.max_prompts={self.max_prompts} must be at least 1")
-        if self.cfg_scale <= 0:
-            raise ConfigError(f"{prefix}.cfg_scale={self.cfg_scale} must be positive")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale > 0):
+            raise ConfigError(f"{prefix}.cfg_scale={self.cfg_scale} must be a finite number > 0")
 
 
 @dataclass

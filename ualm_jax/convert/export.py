@@ -17,6 +17,7 @@ Files are written into OUT.tmp-* and renamed to OUT at the end, after a checksum
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,6 +37,30 @@ FORMATS = ("pytorch", "hf-text", "ualm-reference")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
 MANIFEST = "MANIFEST.sha256"  # written last: an export is complete when it exists
+# How writers report a full disk when they do not raise OSError(ENOSPC): safetensors and
+# tensorstore put the OS error in their message; torch.save's zip writer only notices that fewer
+# bytes landed than it wrote ("unexpected pos ...").
+NO_SPACE_MARKS = ("No space left on device", "os error 28", "os_error_code='28'", "unexpected pos",
+                  "file write failed")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True when `e` (or an exception it was raised from) says the disk is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if any(mark in str(e) for mark in NO_SPACE_MARKS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def raise_if_disk_full(e: BaseException, path) -> None:
+    """Re-raises a full-disk failure of any writer as OSError(ENOSPC) naming `path`."""
+    if is_disk_full(e) and not (isinstance(e, OSError) and e.filename == str(path)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
 
 
 def qwen2_config(cfg, vocab_size: int, tied: bool, dtype: str) -> dict:
@@ -169,18 +194,25 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not an export folder (--overwrite replaces only "
+                              "folders): remove it or choose another --out")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
-    config_path, _, step = resolve(checkpoint)
+    config_path, ckpts, step = resolve(checkpoint)  # checks the step's checksums first
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} is missing: the checkpoint's run config is needed "
                                 "to name and shape the tensors")
     cfg = load_config(config_path)
-    params = load_params(checkpoint)
+    params = load_params(ckpts / str(step), verify=False)  # checked above
     if fmt == "ualm-reference":  # a layout of its own (convert/reference.py)
         from ualm_jax.convert.reference import export_reference
 
-        return export_reference(params, cfg, step, out, dtype)
+        try:
+            return export_reference(params, cfg, step, out, dtype)
+        except Exception as e:
+            raise_if_disk_full(e, out)
+            raise
     tensors, tied = export_tensors(params, cfg.model, fmt)
     del params
     if dtype:
@@ -223,8 +255,9 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(e, out)
         raise
     return out
 

@@ -10,8 +10,13 @@ A UALM checkpoint (our exports, the authors' format) is refused: `ualm import-re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -29,6 +34,20 @@ from ualm_jax.model.vocab import JointVocab
 QWEN2_ARCHS = ("Qwen2ForCausalLM", "Qwen2Model")
 
 
+def _field(hf: dict, key: str, source: str, kind: str, default=None):
+    """hf[key] (or `default` when absent) checked to be of `kind`: a wrong type becomes a
+    ValueError naming the field and the file, not a TypeError deep in the model code."""
+    value = hf.get(key, default)
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool)}[kind]
+    if value is not None and not ok(value):
+        what = {"int": "a positive integer", "float": "a number", "bool": "true or false"}[kind]
+        raise ValueError(f"{source}: {key} is {json.dumps(value)} ({type(value).__name__}); "
+                         f"expected {what}")
+    return value
+
+
 def backbone_from_hf_config(hf: dict, source: str = "config.json") -> dict:
     archs = hf.get("architectures") or []
     if hf.get("model_type") != "qwen2" and not any(a in QWEN2_ARCHS for a in archs):
@@ -36,17 +55,22 @@ def backbone_from_hf_config(hf: dict, source: str = "config.json") -> dict:
                          f"architectures={archs}); expected a Qwen2/Qwen2.5 checkpoint")
     need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "intermediate_size")
-    missing = [k for k in need if k not in hf]
+    missing = [k for k in need if hf.get(k) is None]
     if missing:
         raise ValueError(f"{source} lacks {', '.join(missing)}")
-    heads = hf["num_attention_heads"]
+    heads = _field(hf, "num_attention_heads", source, "int")
+    d_model = _field(hf, "hidden_size", source, "int")
+    rope = hf.get("rope_parameters")
+    rope = hf["rope_theta"] if "rope_theta" in hf else \
+        (rope.get("rope_theta", 1e6) if isinstance(rope, dict) else 1e6)
     return dict(
-        text_vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads", heads),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        d_ff=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e6))),
+        text_vocab_size=_field(hf, "vocab_size", source, "int"), d_model=d_model,
+        n_layers=_field(hf, "num_hidden_layers", source, "int"), n_heads=heads,
+        n_kv_heads=_field(hf, "num_key_value_heads", source, "int", heads) or heads,
+        head_dim=_field(hf, "head_dim", source, "int") or d_model // heads,
+        d_ff=_field(hf, "intermediate_size", source, "int"),
+        rms_norm_eps=_field(hf, "rms_norm_eps", source, "float", 1e-6) or 1e-6,
+        rope_theta=float(_field({"rope_theta": rope}, "rope_theta", source, "float") or 1e6),
         qkv_bias=True)
 
 
@@ -98,6 +122,8 @@ def refuse_ualm_checkpoint(hf_dir: Path, tensor_names=()) -> None:
 def import_hf(hf_dir: str | Path, out_dir: str | Path, cfg: Config,
               whisper_dir: str | Path | None = None) -> dict:
     hf_dir, out_dir = Path(hf_dir), storage.as_path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; --out must be a new directory")
     if (out_dir / "checkpoints").exists():
         raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out")
     refuse_ualm_checkpoint(hf_dir)
@@ -105,7 +131,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, cfg: Config,
     for k, v in backbone_from_hf_config(hf_cfg, str(hf_dir / "config.json")).items():
         setattr(cfg.model, k, v)
     cfg.model.tie_embeddings = False  # UALM unties; a tied source head is copied
-    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    tied = bool(_field(hf_cfg, "tie_word_embeddings", str(hf_dir / "config.json"), "bool", False))
     tensors = HFTensors(hf_dir)
     refuse_ualm_checkpoint(hf_dir, tensors)
     if not tied and "lm_head.weight" not in tensors:
@@ -132,11 +158,70 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, cfg: Config,
     read = set(n for n in tensors if n.startswith("model.layers.") or n in
                ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"))
     unread = sorted(set(tensors) - read)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    save_params(out_dir / "checkpoints", params)
     report = {"source": str(hf_dir), "tied_source": tied, "tensors": len(tensors),
               "unread_tensors": unread, "whisper": str(whisper_dir) if whisper_dir else None,
               "vocab": JointVocab.from_model_config(cfg.model).describe()}
-    (out_dir / "import_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_run(out_dir, cfg, params, report)
     return report
+
+
+@contextlib.contextmanager
+def _save_errors_raised_not_logged():
+    """Orbax logs a failed save's error, traceback and all, from each of its threads before the
+    same error is raised here; the raise (one line from the CLI) is enough. Its warning that a
+    numpy-only tree has no jax.Array metadata is dropped too (true of every import, and harmless)."""
+    class Drop(logging.Filter):
+        def filter(self, record):
+            if record.levelno >= logging.ERROR and record.exc_info:
+                return False
+            return not str(record.msg).startswith("No jax.Array in TypeHandlerRegistry")
+
+    drop, logger = Drop(), logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def write_run(out_dir, cfg: Config, params: dict, report: dict) -> None:
+    """OUT/config.yaml + OUT/checkpoints/0 + OUT/import_report.json (last). A local OUT is written
+    into a temporary sibling folder and moved into place when complete; on object storage (no
+    rename) a failed import removes the checkpoint it began. Either way a failed import leaves
+    nothing that makes the same command refuse to rerun; a full disk fails as ENOSPC naming OUT."""
+    from ualm_jax.convert.export import raise_if_disk_full
+
+    def write(d) -> None:
+        (d / "config.yaml").write_text(cfg.to_yaml())
+        with _save_errors_raised_not_logged():
+            save_params(d / "checkpoints", params)
+        (d / "import_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    if storage.is_url(out_dir):
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write(out_dir)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                if (out_dir / "checkpoints").exists():
+                    (out_dir / "checkpoints").rmtree()
+            raise_if_disk_full(e, out_dir)
+            raise
+        return
+    tmp = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; mkdir would have made it 0755
+        if out_dir.exists():  # an existing folder without checkpoints (checked above): fill it
+            for name in ("checkpoints", "config.yaml", "import_report.json"):
+                os.replace(tmp / name, out_dir / name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(e, out_dir)
+        raise

@@ -10,14 +10,11 @@ from ualm_jax import storage
 
 
 def _rows_orbax(path) -> tuple[str, list[tuple]]:
-    import orbax.checkpoint as ocp
+    from ualm_jax.checkpoint import STATE, item_tree, resolve
 
-    from ualm_jax.checkpoint import STATE, resolve
-
-    _, ckpts, step = resolve(path)
+    _, ckpts, step = resolve(path)  # checks the step's checksums first
     item = ckpts / str(step) / STATE
-    meta = ocp.PyTreeCheckpointer().metadata(item)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    tree = item_tree(ckpts, step)
     rows = []
     for keypath, m in _flatten(tree):
         sharding = getattr(m, "sharding", None)

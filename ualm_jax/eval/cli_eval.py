@@ -64,7 +64,7 @@ def make_clap(path: str | None):
 def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=None,
                     cfg_scale: float = 3.0, max_prompts: int | None = None, seed: int = 0, *,
                     max_new: int = 256, max_audio_frames: int = 500, batch_size: int = 16,
-                    out_dir=None) -> GenerationEval:
+                    out_dir=None, uncond: str = "ours") -> GenerationEval:
     """Generate one clip per prompt (m: tasks.Loaded) and compute every metric that can be."""
     from data_pipelines.features import load_audio
     from ualm_jax.eval.generation_eval import evaluate_generation
@@ -75,7 +75,8 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
     if not prompts:
         raise ValueError("no prompts to evaluate")
     synth = Synthesizer(m, GenerationConfig(max_new=max_new, max_audio_frames=max_audio_frames,
-                                            cfg_scale=cfg_scale), min(batch_size, len(prompts)))
+                                            cfg_scale=cfg_scale, uncond=uncond),
+                      min(batch_size, len(prompts)))
     sr = synth.sample_rate
     captions = [p["prompt"].strip() for p in prompts]
     waves = synth.waves(captions, seed)
@@ -144,9 +145,10 @@ def eval_command(args) -> int:
     ev = generation_eval(m, prompts, Path(args.prompts).resolve().parent, clap, fd, args.cfg,
                          args.max_prompts, args.seed, max_new=args.max_new,
                          max_audio_frames=args.max_audio_frames, batch_size=args.batch_size,
-                         out_dir=args.out)
+                         out_dir=args.out, uncond=args.uncond)
     payload = {"checkpoint": str(args.checkpoint), "prompts_file": str(args.prompts),
-               "prompts": ev.prompts, "cfg_scale": args.cfg, "seed": args.seed,
+               "prompts": ev.prompts, "cfg_scale": args.cfg, "uncond": args.uncond,
+               "seed": args.seed,
                "mean_seconds": ev.mean_seconds,
                "metrics": {k: r.to_dict() for k, r in sorted(ev.results.items())},
                "skipped": ev.skipped}

@@ -37,6 +37,9 @@ class GenerationConfig:
     audio_temperature: float = 0.8
     top_k: int = 20  # audio; text uses top_k only when sampled
     cfg_scale: float = 1.0  # UALM form: lambda*cond + (1-lambda)*uncond; 1 = no guidance
+    # The unconditional prompt (infer/tasks.py): ours = pad before `<assistant>`, header kept, as
+    # CFG dropout trains; reference = pad through `<assistant>`, only `<audio>` kept.
+    uncond: str = "ours"
     seed: int = 0
 
 

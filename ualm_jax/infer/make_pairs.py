@@ -195,7 +195,7 @@ def make_pairs(checkpoint, prompts_file, samples: int, judge, out_dir, threshold
                cfg_scale: float = 3.0, seed: int = 0, *, tokenizer=None, codec=None,
                max_new: int = 256, max_audio_frames: int = 500, temperature: float = 0.8,
                top_k: int = 20, batch_size: int = 16, min_seconds: float = 0.1,
-               loaded=None) -> dict:
+               loaded=None, uncond: str = "ours") -> dict:
     """Sample `samples` clips per prompt, judge them, write pairs; -> the report (also in
     OUT/make_pairs_report.json). `loaded` (a tasks.Loaded) skips loading `checkpoint`."""
     import soundfile as sf
@@ -213,7 +213,7 @@ def make_pairs(checkpoint, prompts_file, samples: int, judge, out_dir, threshold
         loaded = load(checkpoint, tokenizer, codec)
     synth = Synthesizer(loaded, GenerationConfig(
         max_new=max_new, max_audio_frames=max_audio_frames, audio_temperature=temperature,
-        top_k=top_k, cfg_scale=cfg_scale), min(batch_size, len(prompts)))
+        top_k=top_k, cfg_scale=cfg_scale, uncond=uncond), min(batch_size, len(prompts)))
     sr = synth.sample_rate
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -261,7 +261,7 @@ def make_pairs(checkpoint, prompts_file, samples: int, judge, out_dir, threshold
     tok_path = getattr(loaded.tokenizer, "path", None) or tokenizer or "TOKENIZER"
     report = {
         "checkpoint": str(checkpoint), "prompts_file": str(prompts_file), "judge": judge.name,
-        "threshold": threshold, "cfg_scale": cfg_scale, "seed": seed,
+        "threshold": threshold, "cfg_scale": cfg_scale, "uncond": uncond, "seed": seed,
         "samples_per_prompt": samples, "prompts": len(prompts), "samples": len(prompts) * samples,
         "samples_too_short": too_short, "min_seconds": min_seconds, "pairs": len(kept),
         "skipped": len(skipped), "skipped_by_reason": by_reason, "skipped_prompts": skipped,
@@ -282,7 +282,8 @@ def make_pairs_command(args) -> int:
                         threshold=args.threshold, cfg_scale=args.cfg, seed=args.seed,
                         tokenizer=args.tokenizer, codec=args.codec, max_new=args.max_new,
                         max_audio_frames=args.max_audio_frames, temperature=args.temperature,
-                        top_k=args.top_k, batch_size=args.batch_size, min_seconds=args.min_seconds)
+                        top_k=args.top_k, batch_size=args.batch_size, min_seconds=args.min_seconds,
+                        uncond=args.uncond)
     reasons = ", ".join(f"{k} {n}" for k, n in report["skipped_by_reason"].items())
     print(f"make-pairs: {report['prompts']} prompts x {report['samples_per_prompt']} samples -> "
           f"{report['pairs']} pairs, {report['skipped']} skipped{f' ({reasons})' if reasons else ''}"

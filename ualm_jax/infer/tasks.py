@@ -4,9 +4,11 @@ text answers to questions with or without a clip.
 Prompts are built with the same template as training (data_pipelines.template), so the model
 sees at inference exactly the layout it was trained on; the unconditional prompt for guidance is
 the conditional one with every id before the target `<assistant>` replaced by pad 0, as the
-template's CFG dropout does in training. Input audio reaches the encoder as the builders store
-it and the trainer's packer windows it (audio_windows), zero-padded to full windows with the
-same mel mask as training (padding frames masked out of the encoder's attention).
+template's CFG dropout does in training (`uncond="reference"`: the `<assistant>` is pad too and
+only the final `<audio>` stays, as the reference's inference builds it). Input audio reaches the
+encoder as the builders store it and the trainer's packer windows it (audio_windows), zero-padded
+to full windows with the same mel mask as training (padding frames masked out of the encoder's
+attention).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Loaded:
 
 
 LEN_BUCKET = 64
+UNCOND = ("ours", "reference")  # GenerationConfig.uncond / --uncond
 
 
 def generator_for(m: Loaded, rows: int, max_len: int) -> Generator:
@@ -45,15 +48,19 @@ def generator_for(m: Loaded, rows: int, max_len: int) -> Generator:
 
 
 def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
-    config_path, _, _ = resolve(checkpoint)
+    config_path, ckpts, step = resolve(checkpoint)  # checks the step's checksums first
     cfg = load_config(config_path)
-    return from_params(cfg, load_params(checkpoint), tokenizer, codec)
+    return from_params(cfg, load_params(ckpts / str(step), verify=False), tokenizer, codec)
 
 
 def add_generation_args(p, sampling: bool = True) -> None:
     """The flags `ualm generate`, `ualm eval` and `ualm dpo make-pairs` share."""
     p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
     p.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
+    p.add_argument("--uncond", default="ours", choices=UNCOND,
+                   help="unconditional prompt for guidance: ours = pad before <assistant>, "
+                   "<assistant><audio> kept (what CFG dropout trains); reference = the authors' "
+                   "code: pad through <assistant>, only <audio> kept")
     if sampling:
         p.add_argument("--top-k", type=int, default=20)
         p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
@@ -88,10 +95,12 @@ def set_params(m: Loaded, params) -> None:
         gen.params = params
 
 
-def _render(segments, vocab):
+def _render(segments, m: Loaded):
+    """The training template, with the run's data.text_id0_as_pad."""
     from data_pipelines.template import render
 
-    return render(segments, vocab)
+    return render(segments, m.vocab,
+                  text_id0_as_pad=bool(getattr(m.cfg.data, "text_id0_as_pad", False)))
 
 
 def _header(k: int, *ids) -> np.ndarray:
@@ -100,25 +109,29 @@ def _header(k: int, *ids) -> np.ndarray:
     return rows
 
 
-def text_to_audio_prompts(m: Loaded, captions: list[str]):
+def text_to_audio_prompts(m: Loaded, captions: list[str], uncond: str = "ours"):
+    """-> (conditional, unconditional) prompts [L, K] of equal lengths, ending in `<audio>`.
+    uncond: ours = pad before `<assistant>`; reference = pad through `<assistant>`."""
     from data_pipelines.template import TEXT_TO_AUDIO_PROMPT, Segment
 
+    if uncond not in UNCOND:
+        raise ValueError(f"uncond={uncond!r} is not one of {', '.join(UNCOND)}")
     k = max(m.cfg.model.num_codebooks, 1)
-    cond, uncond = [], []
+    cond, unconds = [], []
     for caption in captions:
         ex = _render([Segment("user", "text", m.tokenizer.encode(
-            TEXT_TO_AUDIO_PROMPT.format(caption=caption)))], m.vocab)
+            TEXT_TO_AUDIO_PROMPT.format(caption=caption)))], m)
         p = np.concatenate([ex.tokens, _header(k, V.ASSISTANT, V.AUDIO)])
         u = p.copy()
-        u[: len(ex.tokens)] = V.PAD
+        u[: len(ex.tokens) + (uncond == "reference")] = V.PAD
         cond.append(p)
-        uncond.append(u)
-    return cond, uncond
+        unconds.append(u)
+    return cond, unconds
 
 
 def text_to_audio(m: Loaded, captions: list[str], gen_cfg: GenerationConfig) -> list[np.ndarray]:
     """-> codec codes [T, K] per caption (decode with m.codec)."""
-    cond, uncond = text_to_audio_prompts(m, captions)
+    cond, uncond = text_to_audio_prompts(m, captions, gen_cfg.uncond)
     guided = gen_cfg.cfg_scale != 1.0
     rows = len(captions) * (2 if guided else 1)
     max_len = max(len(p) for p in cond) + gen_cfg.max_new
@@ -195,7 +208,7 @@ def reply_inputs(m: Loaded, texts: list[str], waves: list):
             segs.append(Segment("user", "audio", sum(_window_frames(m, len(x)) for x in ws)))
         if not segs:
             raise ValueError("a reply prompt needs text or audio")
-        ex = _render(segs, m.vocab)
+        ex = _render(segs, m)
         p = np.concatenate([ex.tokens, _header(k, V.ASSISTANT, V.TEXT)])
         s = np.full(len(p), -1, np.int32)
         for start, _ in ex.audio_input_frames:

@@ -42,7 +42,8 @@ def _preference_iterator(cfg, split):
     return PreferenceBatches(open_source(path, split),
                              JointVocab.from_model_config(cfg.model), cfg.train.batch_size // 2,
                              cfg.train.seq_len, seed=cfg.seed,
-                             offline_reference=cfg.dpo.reference == "offline")
+                             offline_reference=cfg.dpo.reference == "offline",
+                             text_id0_as_pad=cfg.data.text_id0_as_pad)
 
 
 def make_eval_iterator(cfg):
@@ -62,6 +63,7 @@ def make_eval_iterator(cfg):
 def _template_args(cfg) -> dict:
     """The loss weights the config asks of the synthetic stream (it has no reasoning rows)."""
     return {"supervise_headers": cfg.data.supervise_headers == "assistant",
+            "text_id0_as_pad": cfg.data.text_id0_as_pad,
             "stream_weights": cfg.model.audio_stream_weights()}
 
 

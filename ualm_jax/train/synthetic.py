@@ -21,12 +21,15 @@ class SyntheticStream:
     def __init__(self, vocab: JointVocab, batch: int, seq: int, seed: int = 0,
                  n_mels: int = 0, mel_frames: int = 0, frames_per_clip: int = 0,
                  tasks=TASKS, weights=None, text_only: bool = False,
-                 supervise_headers: bool = False, stream_weights=None):
+                 supervise_headers: bool = False, stream_weights=None,
+                 text_id0_as_pad: bool = False):
         """supervise_headers: weight 1 on the assistant `<assistant><modality>` header (the
-        reference's template); stream_weights: K weights of assistant audio (None = 1/K)."""
+        reference's template); stream_weights: K weights of assistant audio (None = 1/K);
+        text_id0_as_pad: text id 0 becomes pad 0 with no loss (the reference's preprocessing)."""
         self.vocab, self.batch, self.seq, self.seed = vocab, batch, seq, seed
         self.k = max(vocab.num_codebooks, 1)
         self.header_w = 1.0 if supervise_headers else 0.0
+        self.id0_pad = bool(text_id0_as_pad)
         self.audio_w = (np.full(self.k, 1.0 / self.k, np.float32) if stream_weights is None
                         else np.asarray(stream_weights, np.float32))
         self.n_mels, self.mel_frames, self.frames_per_clip = n_mels, mel_frames, frames_per_clip
@@ -58,7 +61,8 @@ class SyntheticStream:
 
     # Examples --------------------------------------------------------------------------------------
     def _text(self, ids):
-        return [int(i) + self.vocab.text_offset for i in ids]
+        return [V.PAD if self.id0_pad and int(i) == 0 else int(i) + self.vocab.text_offset
+                for i in ids]
 
     def _example(self, rng, task):
         """Returns (stream0 list, loss mask list, audio rows {pos: [K] ids}, audio slot count)."""
@@ -68,9 +72,9 @@ class SyntheticStream:
         rows: dict[int, np.ndarray] = {}
         slots: list[int] = []
 
-        def add(ids, weight):
+        def add(ids, weight):  # a stream-0 pad is never a target
             toks.extend(ids)
-            w.extend([weight] * len(ids))
+            w.extend([0.0 if t == V.PAD else weight for t in ids])
 
         n = int(rng.integers(2, 6))
         words = rng.integers(0, self.words, n)
