@@ -20,7 +20,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from ualm_jax.model.presets import preset_config
+    from ualm_jax.config import preset_config
 
     return preset_config("tiny")
 

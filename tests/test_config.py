@@ -126,7 +126,7 @@ def test_in_range_edges_are_accepted():
 
 def test_config_without_model_section_is_the_default_preset(tmp_path):
     from ualm_jax.model.flops import param_count
-    from ualm_jax.model.presets import preset_config
+    from ualm_jax.config import preset_config
 
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  steps: 3\n")

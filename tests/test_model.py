@@ -5,7 +5,7 @@ import numpy as np
 
 from ualm_jax.model.loss import loss_sums
 from ualm_jax.model.params import build_model
-from ualm_jax.model.presets import preset_config
+from ualm_jax.config import preset_config
 from ualm_jax.model.ualm import UALM
 
 

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
 from ualm_jax.convert.hf_qwen2 import decoder_from_hf, decoder_to_hf  # noqa: E402
-from ualm_jax.model.presets import preset_config  # noqa: E402
+from ualm_jax.config import preset_config  # noqa: E402
 from ualm_jax.model.qwen2 import Decoder  # noqa: E402
 
 

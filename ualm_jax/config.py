@@ -6,6 +6,7 @@ dotted name of the field.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from ualm_jax import storage
+from ualm_jax.model.presets import PRESETS
 
 
 class ConfigError(ValueError):
@@ -446,7 +448,6 @@ def _expand_presets(raw: dict) -> dict:
     if model is None:
         model = raw["model"] = {}
     if isinstance(model, dict):
-        from ualm_jax.model.presets import preset_dict  # local import: presets import this module
 
         merged = preset_dict(model.get("preset", ModelConfig.preset))
         _deep_update(merged, model)
@@ -574,3 +575,21 @@ def dump_config(cfg, path: str | Path) -> None:
 
 def config_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def preset_dict(name: str) -> dict:
+    """A model preset's fields (a fresh copy) with `preset` set to its name."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is unknown; known presets: {', '.join(PRESETS)}")
+    d = copy.deepcopy(PRESETS[name])
+    d["preset"] = name
+    return d
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """A validated ModelConfig of a preset, with field overrides on top."""
+    d = preset_dict(name)
+    _deep_update(d, overrides)
+    cfg = from_dict(ModelConfig, d, "model")
+    cfg.validate()
+    return cfg

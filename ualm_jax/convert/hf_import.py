@@ -189,7 +189,7 @@ def write_run(out_dir, cfg: Config, params: dict, report: dict) -> None:
     into a temporary sibling folder and moved into place when complete; on object storage (no
     rename) a failed import removes the checkpoint it began. Either way a failed import leaves
     nothing that makes the same command refuse to rerun; a full disk fails as ENOSPC naming OUT."""
-    from ualm_jax.convert.export import raise_if_disk_full
+    from ualm_jax.convert.export_files import raise_if_disk_full
 
     def write(d) -> None:
         (d / "config.yaml").write_text(cfg.to_yaml())

@@ -19,7 +19,6 @@ import then export reproduces every tensor bit for bit.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -159,7 +158,7 @@ def _write_text_base(dest: Path, tensors: dict, cfg, step: int) -> list:
     """OUT/text_base: the hf-text export (from the reference tensors) + tokenizer files."""
     from safetensors.numpy import save_file
 
-    from ualm_jax.convert.export import copy_tokenizer, qwen2_config
+    from ualm_jax.convert.export_files import copy_tokenizer, qwen2_config
     from ualm_jax.convert.model_card import model_card
 
     m = cfg.model
@@ -195,7 +194,7 @@ def export_reference(params: dict, cfg, step: int, out: Path, dtype: str | None 
     """`ualm export --format ualm-reference` (see the module docstring). Consumes `params`."""
     import torch
 
-    from ualm_jax.convert.export import make_readable, write_manifest
+    from ualm_jax.convert.export_files import commit_export
     from ualm_jax.convert.model_card import model_card
 
     out = Path(out)
@@ -238,11 +237,7 @@ def export_reference(params: dict, cfg, step: int, out: Path, dtype: str | None 
             "--train-config).\n# Paths are where `ualm export` wrote this folder: edit them if "
             "you move it.\n" + body)
         (tmp / "README.md").write_text(model_card("ualm-reference", cfg, step, notes))
-        write_manifest(tmp)
-        make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        commit_export(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

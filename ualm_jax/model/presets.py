@@ -1,9 +1,6 @@
-"""Model presets: the real Qwen2.5 shapes, and a tiny multi-stream one for tests and the demo."""
+"""Model presets: the real Qwen2.5 shapes, and a tiny multi-stream one for tests and the demo.
+Pure data (imports nothing): `ualm_jax.config.preset_dict` / `preset_config` expand them."""
 from __future__ import annotations
-
-import copy
-
-from ualm_jax.config import ConfigError
 
 _WHISPER_LARGE_V3 = dict(enabled=True, n_mels=128, d_model=1280, n_layers=32, n_heads=20,
                          d_ff=5120, max_mel_frames=3000, pool=2)
@@ -29,22 +26,3 @@ PRESETS: dict[str, dict] = {
         d_ff=18944, audio_encoder=dict(_WHISPER_LARGE_V3),
     ),
 }
-
-
-def preset_dict(name: str) -> dict:
-    if name not in PRESETS:
-        raise ConfigError(f"model.preset={name!r} is unknown; known presets: {', '.join(PRESETS)}")
-    d = copy.deepcopy(PRESETS[name])
-    d["preset"] = name
-    return d
-
-
-def preset_config(name: str, **overrides):
-    from ualm_jax.config import ModelConfig, from_dict
-    from ualm_jax.config import _deep_update
-
-    d = preset_dict(name)
-    _deep_update(d, overrides)
-    cfg = from_dict(ModelConfig, d, "model")
-    cfg.validate()
-    return cfg
