@@ -11,7 +11,7 @@ UV_FLAGS := --compile-bytecode $(foreach d,$(FIND_LINKS),--find-links $(d))
 CPU8 := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lock clean-venv
+.PHONY: venv demo test test-fast lock clean-venv
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ demo: venv
 test: venv
 	$(CPU8) $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The unit tests only (tests/unit/, about 2 minutes on 2 cores); `make test` runs everything.
+test-fast: venv
+	$(CPU8) $(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # Re-resolve the pins from requirements.in (needs the package index).
 lock:

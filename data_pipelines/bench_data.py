@@ -13,9 +13,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from data_pipelines.records import to_record
-from data_pipelines.template import Segment
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.records import to_record
+from ualm_jax.format.template import Segment
+from ualm_jax.format.vocab import JointVocab
 
 # Per kind: (prompt text ids, answer text ids, codec frames, mel frames) ranges [lo, hi).
 SHAPES = {
@@ -127,13 +127,11 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
 def bench_data_from_config(cfg, seconds: float = 5.0, split: str = "train") -> dict:
     """bench_data over a config's `data.mixture` (its built shards), model vocab, audio window,
     batch and sequence length: the pipeline exactly as `ualm train` would run it on one host."""
+    from data_pipelines.grain_pipeline import audio_args
     from data_pipelines.mixture import parse_mixture
 
     entries = parse_mixture(cfg.data.mixture)
-    enc = cfg.model.audio_encoder
-    audio = dict(n_mels=enc.n_mels, mel_frames=enc.max_mel_frames,
-                 frames_per_window=enc.frames_per_window) if enc.enabled else \
-        dict(n_mels=0, mel_frames=0, frames_per_window=0)
+    audio = audio_args(cfg.model)
     return bench_data(paths={e.name: e.path for e in entries},
                       mixture=[{"name": e.name, "share": e.share, "upsample": e.upsample}
                                for e in entries],

@@ -315,7 +315,9 @@ def _dataset_dir(out_dir: str) -> str:
 
     path = _join(os.fspath(out_dir), REPORT_FILE)
     if not _exists(path):
-        raise FileNotFoundError(f"no {REPORT_FILE} in {out_dir}: not a build output folder")
+        raise FileNotFoundError(f"no {REPORT_FILE} in {out_dir}: not a build output folder (build "
+                                f"it first: `ualm data build KIND --manifest M --out {out_dir}`; the "
+                                "demo's datasets are built by `make demo`)")
     with _open(path, "r") as f:
         rel = json.load(f).get("dataset_dir")
     if rel is None:

@@ -13,6 +13,21 @@ import sys
 import tempfile
 
 KINDS = ("captions", "audio-qa", "text-sft", "preference", "reason")
+# What each kind reads (one JSON object per manifest line; audio paths relative to the manifest's
+# folder; "split": "validation" on any line puts it in the validation split). Full details: the
+# docstring of data_pipelines/builders/<kind>.py.
+KIND_HELP = {
+    "captions": '{"audio": "a.wav", "caption": "a dog barks"} -> text-to-audio records (needs '
+                '--codec) and captioning records (--task both | t2a | caption)',
+    "audio-qa": '{"messages": [{"role": "user", "content": "What is it?", "audio": "a.wav"}, '
+                '{"role": "assistant", "content": "A dog."}]} -> understanding records',
+    "text-sft": '{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}]} '
+                '-> text records',
+    "preference": '{"prompt": "...", "chosen": "win.wav", "rejected": "lose.wav", '
+                  '"ref_logp_chosen"?: x, "ref_logp_rejected"?: y} -> DPO pairs (needs --codec)',
+    "reason": '{"behaviour": "enrichment"|"dialogue"|"self_reflection", ...} -> UALM-Reason '
+              'multi-segment records (needs --codec)',
+}
 
 
 def _build(args) -> int:
@@ -60,10 +75,13 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     """Adds `data build` to an argparse subparsers object; returns the `data` parser."""
     data = subparsers.add_parser("data", help="build training records from manifests")
     sub = data.add_subparsers(dest="data_command", required=True)
+    kinds = "\n".join(f"  {k:<11} {v}" for k, v in KIND_HELP.items())
     b = sub.add_parser("build", help="manifest (JSON lines) -> TFDS ArrayRecord/TFRecord records",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Bad lines are skipped and listed in OUT/build_report.json; "
-                                   "OUT/stats.json holds records and tokens per split and task.")
-    b.add_argument("kind", choices=KINDS)
+                                   "OUT/stats.json holds records and tokens per split and task.\n\n"
+                                   f"Kinds (one JSON object per manifest line):\n{kinds}")
+    b.add_argument("kind", choices=KINDS, help="what the manifest holds (see the list above)")
     b.add_argument("--manifest", required=True, help="JSON lines; audio paths relative to its folder")
     b.add_argument("--out", required=True, help="output folder (replaced build of the same kind) or a "
                    "gs:// URL (built locally, then uploaded with the report last)")

@@ -8,9 +8,10 @@ longer audio is cut into non-overlapping windows, each encoded alone and the fra
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
+
+from ualm_jax.format.layout import encoder_positions
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -19,19 +20,27 @@ WINDOW_SECONDS = 30.0
 
 
 # Loading --------------------------------------------------------------------------------------------
+# The one copy of each waveform helper (ualm_jax.eval.embedders and the codecs import these).
+# Convention: float32, samples first -- [N] mono or [N, channels] (soundfile's layout).
 def resample(wave: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
-    """Band-limited resampling (soxr HQ: what librosa.resample's default calls, without its import)."""
-    if orig_sr == sr:
+    """Band-limited resampling, float32 out (soxr HQ: what librosa.resample's default calls, and
+    the resampler stable-audio-metrics uses, without librosa's import)."""
+    if int(orig_sr) == int(sr):
         return np.asarray(wave, np.float32)
     import soxr
 
-    return soxr.resample(np.asarray(wave, np.float32), orig_sr, sr, quality="HQ").astype(np.float32)
+    return soxr.resample(np.asarray(wave, np.float32), int(orig_sr), int(sr), quality="HQ").astype(np.float32)
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:
-    """[N] or [N, channels] -> [N] by averaging channels."""
+    """[N] (passes through) or [N, channels] (soundfile's layout) -> float32 [N], channels averaged.
+    Audio in librosa's [channels, N] layout must be transposed first."""
     wave = np.asarray(wave, np.float32)
-    return wave.mean(axis=1) if wave.ndim == 2 else wave
+    if wave.ndim == 2:
+        wave = wave.mean(axis=1)
+    if wave.ndim != 1:
+        raise ValueError(f"expected [N] or [N, channels] audio, got shape {wave.shape}")
+    return wave
 
 
 def load_audio(path: str, sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -88,12 +97,32 @@ def window_samples(sr: int = SAMPLE_RATE, window_s: float = WINDOW_SECONDS) -> i
     return int(round(sr * window_s))
 
 
-def split_windows(wave: np.ndarray, sr: int = SAMPLE_RATE,
-                  window_s: float = WINDOW_SECONDS) -> list:
-    """Non-overlapping windows of at most `window_s` seconds (the last one may be shorter)."""
+def split_windows(wave: np.ndarray, sr: int = SAMPLE_RATE, window_s: float = WINDOW_SECONDS,
+                  hop_s: float | None = None, min_fraction: float = 0.15) -> list:
+    """Cut a mono wave [N] into windows of `window_s` seconds starting every `hop_s` seconds.
+
+    hop_s=None (the encoder's 30 s windows): non-overlapping windows covering the clip, the last
+    one may be shorter and is not padded; an empty clip gives no window.
+    hop_s given (taggers trained on fixed-length clips, e.g. PaSST: 10 s, hop 5 s): every window
+    is window_s long. A last window shorter than window_s is zero-padded when it holds more than
+    min_fraction of a window and dropped otherwise (mostly padding reads as silence), as
+    stable-audio-metrics and AudioCraft do; a clip shorter than one window still gives one padded
+    window.
+    """
     wave = np.asarray(wave, np.float32).reshape(-1)
-    step = window_samples(sr, window_s)
-    return [wave[i:i + step] for i in range(0, len(wave), step)]
+    win = window_samples(sr, window_s)
+    if hop_s is None:
+        return [wave[i:i + win] for i in range(0, len(wave), win)]
+    hop = window_samples(sr, hop_s)
+    out = []
+    for start in range(0, max(hop, len(wave) - hop), hop):  # stable-audio-metrics' bounds
+        chunk = wave[start:start + win]
+        if len(chunk) < win:
+            if len(chunk) <= min_fraction * win and out:
+                continue
+            chunk = np.pad(chunk, (0, win - len(chunk)))
+        out.append(chunk)
+    return out
 
 
 SHORT_PAD = 2 * N_FFT + HOP  # zeros after a short clip: its last frame's window is all padding
@@ -140,9 +169,5 @@ def encoder_frames(n_samples: int, pool: int = 2, sr: int = SAMPLE_RATE,
     total = 0
     for start in range(0, n, full):
         mel = valid_mel_frames(min(full, n - start))
-        total += ((mel + 1) // 2) // pool
+        total += encoder_positions(mel, pool)
     return total
-
-
-def seconds_to_encoder_frames(seconds: float, pool: int = 2) -> int:
-    return encoder_frames(int(math.floor(seconds * SAMPLE_RATE)), pool)

@@ -9,12 +9,8 @@ is a pure function of (sources, seed, i). The iterator state is therefore tiny a
 next stream index plus the indices of the few look-ahead examples not yet placed; resuming
 re-renders those and continues bit for bit.
 
-Batch contract (see ualm_jax/train/synthetic.py): tokens [B,L,K] int32, loss_weights [B,L,K] f32,
-segment_ids [B,L] (1.. per example, 0 pad), positions [B,L] (restart per example), task_ids [B,L]
-(mixture index, -1 pad); with an audio encoder also audio_features [B,F,T_mel,n_mels] f32,
-audio_mel_mask [B,F,T_mel] bool (frames holding real audio) and audio_slots [B,L] (clip c frame j ->
-c * frames_per_window + j, -1 elsewhere). A clip is one encoder window (30 s); longer audio takes
-several. An example whose clips do not fit a row's free slots goes to another row or the next
+Batches follow the batch contract (ualm_jax/format/batch.py); clips are laid out as
+ualm_jax/format/layout.py says (one encoder window per clip slot). An example whose clips do not fit a row's free slots goes to another row or the next
 batch; one longer than L (or with more than F clips) can never fit and is skipped and counted.
 """
 from __future__ import annotations
@@ -22,52 +18,19 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import grain
 import numpy as np
 
 from data_pipelines import mixture as mix
-from data_pipelines.records import CODES, ENCODER, TEXT, from_record, is_reason_task
-from data_pipelines.template import render
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.layout import AudioLayout  # noqa: F401 (re-exported)
+from ualm_jax.format.records import CODES, ENCODER, TEXT, from_record, is_reason_task
+from ualm_jax.format.template import render
+from ualm_jax.format.vocab import JointVocab, vocab_of
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-
-
-# Audio layout -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AudioLayout:
-    """How encoder-input audio maps to clip slots: windows of `mel_frames` log-mel frames, each
-    encoded to `frames_per_window` positions (stride-2 conv then average pool)."""
-    n_mels: int = 0
-    mel_frames: int = 0  # window length T_mel (3000 = 30 s)
-    frames_per_window: int = 0
-    max_clips: int = 0  # F: clip slots per packed row
-
-    def __post_init__(self):
-        if self.enabled and self.mel_frames % (2 * self.frames_per_window):
-            raise ValueError(f"mel_frames={self.mel_frames} must be a multiple of "
-                             f"2 * frames_per_window={2 * self.frames_per_window}")
-
-    @property
-    def enabled(self) -> bool:
-        return min(self.n_mels, self.mel_frames, self.frames_per_window, self.max_clips) > 0
-
-    @property
-    def pool(self) -> int:
-        return self.mel_frames // 2 // self.frames_per_window
-
-    def window_frames(self, n_mel: int) -> int:
-        """Encoder frames one window of n_mel valid mel frames gives (features.encoder_frames)."""
-        return ((int(n_mel) + 1) // 2) // self.pool
-
-    def frames_of(self, n_mel: int) -> int:
-        """Sequence positions of an encoder segment of n_mel frames, summed over its windows."""
-        t = self.mel_frames
-        return sum(self.window_frames(min(t, n_mel - s)) for s in range(0, int(n_mel), t))
 
 
 # Rendering ----------------------------------------------------------------------------------------
@@ -292,10 +255,9 @@ class BatchBuilder:
         self.segment_ids[r, sl] = self.segments[r]
         self.positions[r, sl] = self._arange[:n]
         self.task_ids[r, sl] = e.task
-        fpw = self.layout.frames_per_window
         for pos, nf, mel in e.clips:
             c = self.clips[r]
-            self.slots[r, s + pos:s + pos + nf] = c * fpw + self._arange[:nf]
+            self.slots[r, s + pos:s + pos + nf] = self.layout.slot(c, self._arange[:nf])
             self.features[r, c, :len(mel)] = mel
             self.mel_mask[r, c, :len(mel)] = True
             self.clips[r] = c + 1
@@ -491,6 +453,13 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
     return it
 
 
+def audio_args(model_cfg) -> dict:
+    """make_iterator's audio arguments for a model (all 0 without an audio encoder)."""
+    lay = AudioLayout.of_model(model_cfg, 1)
+    return dict(n_mels=lay.n_mels, mel_frames=lay.mel_frames,
+                frames_per_window=lay.frames_per_window)
+
+
 def make_config_iterator(cfg, split: str = "train", process_index: Optional[int] = None,
                          process_count: Optional[int] = None, open_source=None) -> PackedIterator:
     """The trainer's entry point: `cfg.data.mixture` entries opened from their built `path`s
@@ -513,14 +482,12 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
     if cfg.train.batch_size % process_count:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                          f"{process_count} processes (each packs its own rows)")
-    enc = cfg.model.audio_encoder
-    audio = dict(n_mels=enc.n_mels, mel_frames=enc.max_mel_frames,
-                 frames_per_window=enc.frames_per_window) if enc.enabled else {}
+    audio = audio_args(cfg.model)
     stage = getattr(cfg.data, "stage_dir", "")
     sources = {e.name: open_source(local_build_dir(e.path, stage, f"data.mixture[{i}].path"), split)
                for i, e in enumerate(entries)}
     return make_iterator(sources, cfg.data,
-                         JointVocab.from_model_config(cfg.model),
+                         vocab_of(cfg.model),
                          cfg.train.batch_size // process_count, cfg.train.seq_len,
                          cfg.seed if split == "train" else cfg.data.eval_seed,
                          process_index=process_index, process_count=process_count, split=split,

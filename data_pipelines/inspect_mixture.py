@@ -36,7 +36,7 @@ def _detokenizer(cfg):
 
 def render_row(batch: dict, row: int, task_names, vocab, detok=None) -> str:
     """One packed row: a header per example (task, positions, loss weight) and its segments."""
-    from data_pipelines.template import describe
+    from ualm_jax.format.template import describe
 
     seg, tasks = batch["segment_ids"][row], batch["task_ids"][row]
     out = []
@@ -56,7 +56,7 @@ def render_row(batch: dict, row: int, task_names, vocab, detok=None) -> str:
 
 def inspect_mixture(cfg, batches: int = 20, row: int = 0) -> dict:
     """Measure the mixture of `cfg.data.mixture` (train split, the whole data as one process)."""
-    from ualm_jax.model.vocab import JointVocab
+    from ualm_jax.format.vocab import JointVocab
 
     if cfg.data.source != "mixture":
         raise ValueError(f"data.source={cfg.data.source!r}: `mixture inspect` needs "

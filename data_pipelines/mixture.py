@@ -12,73 +12,14 @@ at equal example weight. Mean tokens come from the builder's stats or from rende
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-_FIELDS = ("name", "path", "share", "upsample")
-
-
-@dataclass(frozen=True)
-class MixtureEntry:
-    name: str
-    path: str = ""  # a built dataset directory; empty when the caller hands sources in directly
-    share: float = 1.0  # target share of TOKENS (any scale: shares are renormalised)
-    upsample: float = 1.0  # multiplies the share (UALM upsamples generation data 2x)
-
-    @property
-    def weighted_share(self) -> float:
-        return self.share * self.upsample
-
-
-def _number(value, where: str, minimum: float, strict: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ValueError(f"{where}={value!r}: expected a number {bound}")
-    return float(value)
-
-
-def parse_mixture(entries: Sequence, prefix: str = "data.mixture") -> list[MixtureEntry]:
-    """Validate `data.mixture` (a list of mappings or MixtureEntry) -> list of MixtureEntry.
-
-    Errors name the field, e.g. `data.mixture[1].share=-2: expected a number >= 0`.
-    """
-    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
-        raise ValueError(f"{prefix} must be a list of {{name, path, share, upsample}} entries, "
-                         f"got {type(entries).__name__}")
-    if not entries:
-        raise ValueError(f"{prefix} is empty: give at least one {{name, path, share}} entry")
-    out, seen = [], {}
-    for i, raw in enumerate(entries):
-        where = f"{prefix}[{i}]"
-        if isinstance(raw, MixtureEntry):
-            raw = {f: getattr(raw, f) for f in _FIELDS}
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"{where} must be a mapping with keys {', '.join(_FIELDS)}, "
-                             f"got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(_FIELDS))
-        if unknown:
-            raise ValueError(f"{where} has unknown key(s) {', '.join(map(str, unknown))}; "
-                             f"expected {', '.join(_FIELDS)}")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{where}.name={name!r}: expected a non-empty task name")
-        if name in seen:
-            raise ValueError(f"{where}.name={name!r}: already used by {prefix}[{seen[name]}]")
-        seen[name] = i
-        path = raw.get("path", "")
-        if path is None:
-            path = ""
-        if not isinstance(path, str):
-            raise ValueError(f"{where}.path={path!r}: expected a directory path string")
-        share = _number(raw.get("share", 1.0), f"{where}.share", 0.0, strict=False)
-        upsample = _number(raw.get("upsample", 1.0), f"{where}.upsample", 0.0, strict=True)
-        out.append(MixtureEntry(name, path, share, upsample))
-    if sum(e.weighted_share for e in out) <= 0:
-        raise ValueError(f"{prefix}: every share is 0; at least one task needs share > 0")
-    return out
+# The entry type and its one parser live in the config schema: `data.mixture` is validated at
+# load_config with the same rules and the same ConfigError (a ValueError) naming
+# data.mixture[i].<field>; parse_mixture is re-exported here for the pipelines.
+from ualm_jax.config import MixtureEntry, parse_mixture  # noqa: F401
 
 
 def target_shares(entries: Sequence[MixtureEntry]) -> dict[str, float]:

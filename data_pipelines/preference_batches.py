@@ -11,10 +11,12 @@ import math
 import numpy as np
 
 from data_pipelines.builders.preference import from_preference_record
-from data_pipelines.template import render
+from ualm_jax.format.template import render
 
 
 class PreferenceBatches:
+    per_host = False  # global batches: the trainer slices this process's rows
+
     def __init__(self, source, vocab, pairs_per_batch: int, seq_len: int, seed: int = 0,
                  offline_reference: bool = False, text_id0_as_pad: bool = False):
         """pairs_per_batch: global; every process builds the same global batch and the trainer

@@ -21,7 +21,7 @@ import tensorflow as tf
 from data_pipelines import mixture as mix
 from data_pipelines.grain_pipeline import (AudioLayout, BatchBuilder, Rendered, Renderer,
                                            fill_batch)
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab
 
 RECORD_SIGNATURE = {
     "task": tf.TensorSpec([], tf.string),

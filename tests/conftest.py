@@ -18,6 +18,14 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/integration/ is marked `integration` (runs the product end to end:
+    training, CLIs, servers, processes); tests/unit/ is the fast run (`make test-fast`)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from ualm_jax.config import preset_config

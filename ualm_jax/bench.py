@@ -8,14 +8,15 @@ import jax
 import numpy as np
 
 from ualm_jax.config import Config, ConfigError, load_config
-from ualm_jax.model.flops import FORMULA, flops_per_token
+from ualm_jax.format.batch import batch_spec, check_batch
+from ualm_jax.model.flops import FORMULA, audio_windows, batch_step_flops
 from ualm_jax.model.params import build_model
-from ualm_jax.sharding import make_mesh, parse_mesh_arg, shard_batch
+from ualm_jax.sharding import parse_mesh_arg, shard_batch
+from ualm_jax.train import freeze
 from ualm_jax.train.mfu import mfu, peak_flops_per_device
-from ualm_jax.train.optim import learning_rate_schedule, make_optimizer
-from ualm_jax.train.state import create_state, state_shardings
-from ualm_jax.train.step import jit_train_step, make_train_step
-from ualm_jax.train.synthetic import stream_for_model
+from ualm_jax.train.setup import setup_training
+from ualm_jax.train.state import create_state
+from ualm_jax.train.synthetic import TASKS, stream_for_model
 
 
 def bench_config(model: str, mesh: str | None, text_only: bool = False, overrides=()) -> Config:
@@ -30,28 +31,22 @@ def bench_config(model: str, mesh: str | None, text_only: bool = False, override
 
 
 def bench_host_batch(cfg: Config, batch: int, seq: int, text_only: bool = False) -> dict:
-    """One synthetic host batch in the train-step format, every position supervised."""
-    stream = stream_for_model(cfg.model, batch, seq, seed=cfg.seed, text_only=text_only)
+    """One synthetic batch of the batch contract for `cfg` (real encoder windows and masks,
+    data.max_clips_per_row clip slots), every position supervised: the bench measures the step,
+    not the data."""
+    stream = stream_for_model(cfg.model, batch, seq, seed=cfg.seed, text_only=text_only,
+                              max_clips=cfg.data.max_clips_per_row)
     host_batch = next(stream)
-    host_batch.pop("task_ids")
-    if text_only or not cfg.model.audio_encoder.enabled:
-        host_batch.pop("audio_features", None)
-        host_batch.pop("audio_slots", None)
-    # Every position supervised: the bench measures the step, not the data.
     host_batch["loss_weights"] = np.where(host_batch["tokens"] > 0, 1.0, 0.0).astype(np.float32)
     return host_batch
 
 
-def bench_train_step(cfg: Config, dev_mesh, batch_shardings: dict, steps: int, warmup: int = 0,
-                     microbatches: int = 1):
-    """(jitted train step, state shardings, model, optimiser) exactly as `bench step` runs it."""
-    m = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, total_steps=max(steps + warmup, 1))
-    shardings, _ = state_shardings(m, tx, dev_mesh, cfg.mesh.rules)
-    step_fn = jit_train_step(
-        make_train_step(m, tx, learning_rate_schedule(cfg.optim, steps), microbatches),
-        shardings, batch_shardings, dev_mesh, cfg.mesh.rules)
-    return step_fn, shardings, m, tx
+def bench_setup(cfg: Config, batch: int, seq: int, microbatches: int = 1, devices=None):
+    """The training setup (train/setup.py) for a bench: `ualm train`'s step, freeze masks and
+    task ids, on a global batch of `batch` x `seq`."""
+    cfg.train.seq_len, cfg.train.microbatches = seq, microbatches
+    cfg.train.batch_size = batch
+    return setup_training(cfg, TASKS, devices=devices, rows=batch)
 
 
 def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, warmup: int = 2,
@@ -60,14 +55,13 @@ def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, w
     cfg = bench_config(model, mesh, text_only, overrides)
     if batch % microbatches:
         raise ConfigError(f"--batch={batch} must be divisible by --microbatches={microbatches}")
-    dev_mesh = make_mesh(cfg.mesh)
     t0 = time.perf_counter()
-    dev_batch = shard_batch(bench_host_batch(cfg, batch, seq, text_only), dev_mesh, cfg.mesh.rules)
-    b_shard = {k: v.sharding for k, v in dev_batch.items()}
-    step_fn, shardings, m, tx = bench_train_step(cfg, dev_mesh, b_shard, steps, warmup,
-                                                 microbatches)
-    state = create_state(m, tx, shardings, jax.random.key(cfg.seed))
-    compiled = step_fn.lower(state, dev_batch).compile()
+    setup = bench_setup(cfg, batch, seq, microbatches)
+    host_batch = bench_host_batch(cfg, batch, seq, text_only)
+    check_batch(host_batch, batch_spec(cfg, batch), "bench batch")
+    dev_batch = shard_batch(host_batch, setup.mesh, cfg.mesh.rules)
+    state = create_state(setup.model, setup.tx, setup.shardings, jax.random.key(cfg.seed))
+    compiled = setup.step_fn.lower(state, dev_batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         state, metrics = compiled(state, dev_batch)
@@ -78,18 +72,19 @@ def bench_step(model: str, batch: int, seq: int, mesh: str | None, steps: int, w
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t1) / max(steps, 1)
     tokens_per_s = batch * seq / step_s
-    fpt = flops_per_token(cfg.model, seq)
-    n_dev = dev_mesh.devices.size
+    flops = batch_step_flops(cfg.model, host_batch, freeze.adapter_trained(setup.trainable))
+    n_dev = setup.mesh.devices.size
     peak = peak_tflops * 1e12 if peak_tflops else peak_flops_per_device()
     return {
         "bench": "step", "model": model, "text_only": text_only, "batch": batch, "seq": seq,
         "microbatches": microbatches, "objective": cfg.model.loss_objective,
         "remat": cfg.model.remat, "dtype": cfg.model.dtype,
-        "mesh": {k: int(v) for k, v in dev_mesh.shape.items()}, "devices": n_dev,
+        "mesh": {k: int(v) for k, v in setup.mesh.shape.items()}, "devices": n_dev,
         "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "steps": steps, "step_s": step_s, "tokens_per_s": tokens_per_s,
-        "flops_per_token": fpt, "flop_formula": FORMULA,
-        "peak_flops_per_device": peak, "mfu": mfu(tokens_per_s, fpt, n_dev, peak),
+        "flops_per_step": flops, "flops_per_token": flops["total"] / (batch * seq),
+        "flop_formula": FORMULA, "audio_windows": audio_windows(host_batch),
+        "peak_flops_per_device": peak, "mfu": mfu(flops["total"] / step_s, n_dev, peak),
         "compile_s": compile_s, "loss": float(metrics["loss"]),
     }
 

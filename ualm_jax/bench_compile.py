@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import jax
 
 from ualm_jax.config import ConfigError
+from ualm_jax.model.flops import step_flops
+from ualm_jax.train import freeze
 
 GiB = 1024 ** 3
 
@@ -192,20 +194,18 @@ def _cost_flops(compiled) -> float | None:
 def bench_compile(model: str = "7b", topology: str = "v5p-128", batch: int | None = None,
                   seq: int = 4096, mesh: str | None = None, microbatches: int = 1, overrides=(),
                   text_only: bool = False) -> dict:
-    """Lowers and compiles the `bench step` train step for `topology`; JSON-able report.
+    """Lowers and compiles `ualm train`'s step (train/setup.py) for `topology` on the batch
+    contract's abstract batch (format/batch.py: data.max_clips_per_row full encoder windows with
+    their mel masks); JSON-able report.
 
     batch defaults to one sequence per data-parallel shard (data x fsdp devices)."""
-    from ualm_jax.bench import bench_config, bench_host_batch, bench_train_step
-    from ualm_jax.checkpoint import with_shardings
-    from ualm_jax.model.flops import flops_per_token
-    from ualm_jax.sharding import batch_sharding, make_mesh
-    from ualm_jax.train.state import abstract_state
+    from ualm_jax.bench import bench_config, bench_setup
+    from ualm_jax.sharding import make_mesh
 
     topo = parse_topology(topology)
     cfg = bench_config(model, mesh, text_only, overrides)
     devices = topology_devices(topo)
-    dev_mesh = make_mesh(cfg.mesh, devices)
-    shape = {k: int(v) for k, v in dev_mesh.shape.items()}
+    shape = {k: int(v) for k, v in make_mesh(cfg.mesh, devices).shape.items()}
     if batch is None:
         batch = shape["data"] * shape["fsdp"] * microbatches
     if batch < 1 or batch % microbatches:
@@ -216,31 +216,28 @@ def bench_compile(model: str = "7b", topology: str = "v5p-128", batch: int | Non
         raise ConfigError(f"--batch={batch} does not split over the mesh's data x fsdp = {shards} "
                           f"batch shards: use a multiple of {shards}")
     t0 = time.perf_counter()
-    # One host row gives every input's trailing shape and dtype; the batch itself stays abstract.
-    row = bench_host_batch(cfg, 1, seq, text_only)
-    rules = cfg.mesh.rules
-    abstract_batch = {}
-    for k, v in row.items():
-        full = (batch,) + v.shape[1:]
-        sharding = batch_sharding(dev_mesh, rules, v.ndim, full)
-        abstract_batch[k] = jax.ShapeDtypeStruct(full, v.dtype, sharding=sharding)
-    b_shard = {k: v.sharding for k, v in abstract_batch.items()}
-    step_fn, shardings, m, tx = bench_train_step(cfg, dev_mesh, b_shard, steps=1,
-                                                 microbatches=microbatches)
-    state = with_shardings(abstract_state(m, tx), shardings)
-    lowered = step_fn.lower(state, abstract_batch)
+    setup = bench_setup(cfg, batch, seq, microbatches, devices)
+    lowered = setup.step_fn.lower(setup.abstract_state, setup.batch_spec)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t1
     mem = memory_report(compiled)
     flops_chip = _cost_flops(compiled)
     hbm = topo.hbm_bytes
+    # The analytic count for the worst case the spec allows: one segment per row, every clip
+    # slot a window of audio.
+    clips = setup.batch_spec.get("audio_mel_mask")
+    windows = 0 if clips is None else clips.shape[0] * clips.shape[1]
+    model_flops = step_flops(cfg.model, batch, seq, batch * seq * (seq + 1) // 2, windows,
+                             freeze.adapter_trained(setup.trainable))
     return {
         "bench": "compile", "model": model, "topology": topo.name, "platform": topo.platform,
         "libtpu_topology": topo.libtpu_name if topo.platform == "tpu" else None,
         "device_kind": devices[0].device_kind, "chips": len(devices), "mesh": shape,
         "batch": batch, "seq": seq, "microbatches": microbatches, "text_only": text_only,
         "remat": cfg.model.remat, "dtype": cfg.model.dtype,
+        "batch_spec": {k: [list(v.shape), str(v.dtype)] for k, v in setup.batch_spec.items()},
+        "stage": cfg.train.stage, "encoder_frozen": cfg.model.audio_encoder.frozen,
         "per_chip_bytes": mem, "per_chip_gib": round(mem["total"] / GiB, 3),
         "hbm_bytes": hbm, "hbm_gib": None if hbm is None else hbm / GiB,
         "fits": None if hbm is None else mem["total"] <= hbm,
@@ -251,5 +248,50 @@ def bench_compile(model: str = "7b", topology: str = "v5p-128", batch: int | Non
         "flops_per_step": None if flops_chip is None else flops_chip * len(devices),
         "flops_per_chip": flops_chip,
         "flops_note": "XLA cost analysis; while-loop bodies (scanned layers) counted once",
-        "model_flops_per_step": flops_per_token(cfg.model, seq) * batch * seq,
+        "model_flops_per_step": model_flops["total"], "model_flops_by_part": model_flops,
+        "model_flops_note": "one segment per row, every clip slot holding audio (upper bound)",
     }
+
+
+def dry_run(cfg) -> dict:
+    """`ualm train --dry-run`: the run's setup (train/setup.py) on this machine's devices, its
+    first batch read and checked against the batch contract, the train step compiled ahead of
+    time on abstract inputs; per-device memory and the step's model FLOPs. Writes nothing."""
+    from ualm_jax.format.batch import check_batch, host_batch_spec
+    from ualm_jax.model.flops import batch_step_flops
+    from ualm_jax.train import data as data_lib
+    from ualm_jax.train.setup import setup_training
+
+    t0 = time.perf_counter()
+    names = data_lib.task_names(cfg)
+    setup = setup_training(cfg, names)
+    it = data_lib.make_train_iterator(cfg)
+    local = data_lib.process_rows(next(it), it.per_host)
+    check_batch(local, host_batch_spec(cfg, jax.process_count()), f"{type(it).__name__} batch")
+    t1 = time.perf_counter()
+    compiled = setup.step_fn.lower(setup.abstract_state, setup.batch_spec).compile()
+    compile_s = time.perf_counter() - t1
+    mem = memory_report(compiled)
+    flops = batch_step_flops(cfg.model, local, freeze.adapter_trained(setup.trainable))
+    return {"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+            "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
+            "tasks": list(names), "source": cfg.data.source,
+            "batch_spec": {k: list(v.shape) for k, v in setup.batch_spec.items()},
+            "per_device_bytes": mem, "per_device_gib": round(mem["total"] / GiB, 3),
+            "state_gib": round(sum(x.size * x.dtype.itemsize
+                                   for x in jax.tree.leaves(setup.abstract_state)) / GiB, 3),
+            "model_flops_first_batch": flops["total"] * jax.process_count(),
+            "setup_s": round(t1 - t0, 2), "compile_s": round(compile_s, 2)}
+
+
+def format_dry_run(r: dict) -> str:
+    spec = ", ".join(f"{k} {v}" for k, v in r["batch_spec"].items())
+    m = r["per_device_bytes"]
+    return "\n".join([
+        f"dry run: nothing written. {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
+        f"data: {r['source']} ({', '.join(r['tasks']) or 'no task ids'}); first batch matches "
+        f"the batch contract: {spec}",
+        f"train state {r['state_gib']} GiB in all; per device at peak {r['per_device_gib']} GiB "
+        f"(arguments {m['argument'] / GiB:.3f}, temporaries {m['temp'] / GiB:.3f} GiB)",
+        f"model FLOPs of the first batch's step: {r['model_flops_first_batch']:.3e}; "
+        f"compiled in {r['compile_s']} s (set-up {r['setup_s']} s)"])

@@ -6,7 +6,8 @@ import errno
 import os
 import sys
 
-from ualm_jax import sigterm
+from ualm_jax import __version__, sigterm
+from ualm_jax.cli_args import add_checkpoint, add_overrides
 from ualm_jax.config import ConfigError
 
 
@@ -19,7 +20,7 @@ def _bench(args) -> int:
         try:
             rec = bench_compile(args.model, args.topology, batch=args.batch, seq=args.seq or 4096,
                                 mesh=args.mesh, microbatches=args.microbatches,
-                                overrides=args.set or [], text_only=args.text_only)
+                                overrides=args.overrides, text_only=args.text_only)
         except TpuCompileUnavailable as e:
             print(f"ualm bench: error: {e}", file=sys.stderr)
             return 2
@@ -30,7 +31,7 @@ def _bench(args) -> int:
         if args.config:
             from ualm_jax.config import load_config
 
-            cfg = load_config(args.config, args.set or [])
+            cfg = load_config(args.config, args.overrides)
             print_json(bench_data_from_config(cfg, args.seconds))
         else:  # in-memory records at the paper's shapes (no build needed)
             print_json(bench_data(batch_size=args.batch or 8, seq_len=args.seq or 4096,
@@ -38,15 +39,15 @@ def _bench(args) -> int:
     if args.what == "export":
         from ualm_jax.bench import bench_export
 
-        print_json(bench_export(args.model, args.workdir, args.format))
+        print_json(bench_export(args.model, args.out, args.format))
     if args.what == "import":
         from ualm_jax.bench import bench_import
 
-        print_json(bench_import(args.model, args.workdir))
+        print_json(bench_import(args.model, args.out))
     if args.what == "step":
         print_json(bench_step(args.model, args.batch or 8, args.seq or 128, args.mesh, args.steps,
                               warmup=args.warmup, text_only=args.text_only,
-                              microbatches=args.microbatches, overrides=args.set or [],
+                              microbatches=args.microbatches, overrides=args.overrides,
                               peak_tflops=args.peak_tflops))
     return 0
 
@@ -56,16 +57,47 @@ def _train(args) -> int:
 
     maybe_initialize()  # before anything touches devices; a no-op on a single host
     from ualm_jax.config import load_config
+    from ualm_jax.eval.hooks import eval_hooks
     from ualm_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, args.run_dir)
+    if args.dry_run:
+        from ualm_jax.bench_compile import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(cfg)))
+        return 0
+    if not args.run_dir:
+        raise ConfigError("ualm train needs --run-dir DIR (or --dry-run to check the setup "
+                          "without writing anything)")
+    summary = train(cfg, args.run_dir, hooks=eval_hooks(cfg))
     if summary.get("nothing_trained"):
         print("rerun the same command to train")
     elif summary["preempted"]:
         print(f"stopped at step {summary['step']} (checkpoint saved); rerun the same command to resume")
     else:
         print(results_table(summary))
+    return 0
+
+
+def _config_show(args) -> int:
+    import json
+
+    from ualm_jax.config import load_config
+    from ualm_jax.describe import describe_config
+
+    cfg = load_config(args.config, args.overrides)
+    info = describe_config(cfg)
+    if args.json:
+        print(json.dumps({"config": cfg.to_dict(), **info}, indent=1))
+        return 0
+    print(cfg.to_yaml().rstrip())
+    print(f"# parameters: {info['parameters']['total']:,} total, "
+          f"{info['parameters']['trainable']:,} trained in train.stage={cfg.train.stage}")
+    for part, n in info["parameters"]["by_part"].items():
+        print(f"#   {part:<14} {n:>15,}")
+    print(f"# batch spec ({cfg.train.batch_size} rows, data.source={cfg.data.source}):")
+    for key, (shape, dtype) in info["batch_spec"].items():
+        print(f"#   {key:<15} {str(shape):<24} {dtype}")
     return 0
 
 
@@ -130,7 +162,7 @@ def _export(args) -> int:
 def _inspect(args) -> int:
     from ualm_jax.convert.inspect_tree import inspect, render, to_json
 
-    info = inspect(args.path)
+    info = inspect(args.checkpoint)
     print(to_json(info) if args.json else render(info))
     return 0
 
@@ -146,7 +178,8 @@ def _generate(args) -> int:
     from ualm_jax.infer.tasks import caption, load, text_to_audio
 
     if args.prompts:  # batch mode: one output per JSON line, every file under one folder
-        items = read_prompt_lines(args.prompts, args.out_dir, args.task == "text-to-audio")
+        items = read_prompt_lines(args.prompts, args.out_dir or args.out,
+                                  args.task == "text-to-audio")
     elif args.task == "text-to-audio":
         if not args.prompt or not args.out:
             raise ValueError("--task text-to-audio needs --prompt TEXT and --out FILE.wav")
@@ -155,7 +188,7 @@ def _generate(args) -> int:
         if not args.audio:
             raise ValueError("--task caption needs --audio FILE.wav")
         items = [{"audio": args.audio}]
-    m = load(args.checkpoint, args.tokenizer, args.codec)
+    m = load(args.checkpoint, args.tokenizer, args.codec, overrides=args.overrides)
     gen_cfg = GenerationConfig(max_new=args.max_new, cfg_scale=args.cfg, seed=args.seed,
                                top_k=args.top_k, audio_temperature=args.temperature,
                                max_audio_frames=args.max_audio_frames, uncond=args.uncond)
@@ -244,15 +277,15 @@ def _add_mixture_parser(sub) -> None:
     i.add_argument("--config", required=True, help="YAML config with data.source=mixture")
     i.add_argument("--batches", type=int, default=20, help="packed batches to measure")
     i.add_argument("--json", action="store_true", help="one JSON object with a `tasks` list")
-    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_overrides(i)
     i.set_defaults(func=_mixture)
     e = msub.add_parser("eval", help="per-task held-out loss and token accuracy of a checkpoint")
     e.add_argument("--config", required=True, help="YAML config with data.source=mixture")
     e.add_argument("--checkpoint", required=True, help="run directory or one step directory")
     e.add_argument("--batches", type=int, default=None,
                    help="held-out batches (default: train.eval_batches, else 8)")
-    e.add_argument("--json", action="store_true")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    e.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    add_overrides(e)
     e.set_defaults(func=_mixture)
 
 
@@ -265,34 +298,49 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the file or key and exits with 2; --debug shows its traceback.")
     p.add_argument("--debug", action="store_true",
                    help="errors keep their full traceback (also UALM_DEBUG=1)")
+    p.add_argument("--version", action="version", version=f"ualm-jax {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a run from a config")
     t.add_argument("--config", default=None,
                    help="YAML config (see configs/; default: the built-in defaults)")
-    t.add_argument("--run-dir", required=True,
+    t.add_argument("--run-dir", "--out", dest="run_dir", default=None,
                    help="where checkpoints, metrics and logs go: a local folder or gs://BUCKET/PATH")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    t.add_argument("--dry-run", action="store_true",
+                   help="resolve the config, build the model, open the data, compile the train "
+                        "step and report its memory; write nothing")
+    add_overrides(t)
     t.set_defaults(func=_train)
+
+    c = sub.add_parser("config", help="show a resolved config")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser("show", help="the resolved config (YAML), parameter counts and the "
+                         "batch spec of a config plus overrides")
+    cs.add_argument("--config", default=None, help="YAML config (default: the built-in defaults)")
+    cs.add_argument("--json", action="store_true", help="one JSON object instead of YAML + tables")
+    add_overrides(cs)
+    cs.set_defaults(func=_config_show)
 
     d = sub.add_parser("demo", help="the built-in default: procedural audio world -> tiny UALM "
                        "trained on 8 devices -> evaluation table, plots, PyTorch export")
-    d.add_argument("--run-dir", default="runs/demo")
-    d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("--run-dir", "--out", dest="run_dir", default="runs/demo",
+                   help="where the world, the data, the run and the report go")
+    d.add_argument("--config", default="configs/demo.yaml", help="the demo's config")
     d.add_argument("--clips", type=int, default=800, help="clips in the procedural world")
     d.add_argument("--problems", type=int, default=4000, help="text-only problems in the world")
     d.add_argument("--eval-items", type=int, default=32, help="held-out items per task to generate")
-    d.add_argument("--no-export", action="store_true")
-    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    d.add_argument("--no-export", action="store_true", help="skip the PyTorch export at the end")
+    add_overrides(d)
     d.set_defaults(func=_demo)
 
     i = sub.add_parser("import-hf", help="a local HF Qwen2/Qwen2.5 checkpoint -> UALM params")
-    i.add_argument("hf_dir")
+    i.add_argument("hf_dir", help="local folder with config.json and *.safetensors")
     i.add_argument("--out", required=True, help="new directory (usable as train.init_from)")
     i.add_argument("--config", default=None, help="UALM config for K, C, encoder, adapter, ...")
     i.add_argument("--whisper", default=None,
                    help="local Whisper / Audio Flamingo 3 checkpoint for the audio encoder")
-    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_overrides(i)
     i.set_defaults(func=_import_hf)
 
     r = sub.add_parser("import-reference",
@@ -302,37 +350,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True,
                    help="UALM config of the same model (backbone, K, C, encoder; data.codec)")
     r.add_argument("--out", required=True, help="new directory (usable as train.init_from)")
-    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_overrides(r)
     r.set_defaults(func=_import_reference)
 
     e = sub.add_parser("export", help="a checkpoint -> PyTorch safetensors / HF text model / "
                        "the authors' UALM format")
-    e.add_argument("checkpoint", help="run directory (latest checkpoint) or one step directory")
+    add_checkpoint(e, "run directory (latest checkpoint) or one step directory")
     e.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text", "ualm-reference"],
                    help="pytorch: our names in safetensors; hf-text: the text Qwen2 only; "
                    "ualm-reference: mp_rank_00_model_states.pt + train.yaml for the authors' code")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="new export folder (or gs:// URL)")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast tensors (default: as stored)")
     e.add_argument("--torch-bin", action="store_true", help="also write torch.load-able pytorch_model.bin")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
     e.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="text -> audio (with guidance) or audio -> caption",
                        description="Guidance follows UALM: logits = cfg*cond + (1-cfg)*uncond, so "
                        "--cfg 3.0 equals a scale s=2 in the c + s*(c-u) convention; 1.0 disables it.")
-    g.add_argument("--task", required=True, choices=["text-to-audio", "caption"])
+    g.add_argument("--task", required=True, choices=["text-to-audio", "caption"],
+                   help="text-to-audio: a caption in, a .wav out; caption: a .wav in, text out")
     g.add_argument("--prompt", help="caption to render as audio")
     g.add_argument("--audio", help="audio file to caption")
-    g.add_argument("--out", help="output .wav (text-to-audio)")
+    g.add_argument("--out", help="output .wav (text-to-audio); with --prompts: the output folder")
     g.add_argument("--prompts", help="batch mode: JSON lines with prompt/out or audio")
-    g.add_argument("--out-dir", help="batch mode: where .wav files go when a line has no out")
+    g.add_argument("--out-dir", help="batch mode: the output folder (same as --out; default the "
+                   "prompts file's folder)")
     add_generation_args(g)
     g.set_defaults(func=_generate)
 
     n = sub.add_parser("inspect", help="tensor tree of a checkpoint / HF / exported directory")
-    n.add_argument("path")
-    n.add_argument("--json", action="store_true")
+    add_checkpoint(n, "checkpoint (run or step directory), HF folder or export folder")
+    n.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     n.set_defaults(func=_inspect)
 
     from data_pipelines.cli_data import add_data_parser
@@ -340,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     _add_mixture_parser(sub)
     from ualm_jax.eval.cli_eval import add_eval_parser
-    from ualm_jax.infer.make_pairs import add_dpo_parser
+    from ualm_jax.recipes.make_pairs import add_dpo_parser
 
     add_eval_parser(sub)
     add_dpo_parser(sub)
@@ -357,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data: a config whose data.mixture shards to read (default: in-memory "
                         "records at the paper's shapes, --batch x --seq)")
     b.add_argument("--seconds", type=float, default=5.0, help="data: seconds to measure")
-    b.add_argument("--workdir", default="runs/bench-export", help="export/import: where checkpoints go")
+    b.add_argument("--out", "--workdir", dest="out", default="runs/bench-export",
+                   help="export/import: where checkpoints go")
     b.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"], help="export format")
     b.add_argument("--model", default="tiny", help="model preset: tiny, 0.5b, 1.5b, 7b")
     b.add_argument("--batch", type=int, default=None,
@@ -372,10 +423,67 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain Qwen2 backbone: no audio streams, no audio ids, no encoder")
     b.add_argument("--peak-tflops", type=float, default=None,
                    help="peak bf16 TFLOP/s per device for MFU when the device is not known")
-    b.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. model.remat=dots model.loss_objective=consistent")
+    add_overrides(b)
     b.set_defaults(func=_bench)
+    for parser in walk_parsers(p):
+        raw = issubclass(parser.formatter_class, argparse.RawDescriptionHelpFormatter)
+        parser.formatter_class = RawDescriptionHelpFormatter if raw else HelpFormatter
     return p
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, when it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings
+                or action.default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HelpFormatter keeping a description's own line breaks (lists of kinds)."""
+
+
+def walk_parsers(parser):
+    """The parser and every sub-command's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from walk_parsers(child)
+
+
+def parse_args(parser, argv):
+    """Parses `argv`; then --set joins the bare overrides (which may also follow options:
+    `import-hf DIR --out X model.k=v`), --debug is accepted after the command, and --checkpoint
+    fills the positional checkpoint (a bare `key=value` argparse put there is an override)."""
+    args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:
+        extra = [e for e in extra if e != "--debug"]
+        args.debug = True
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _settle_args(parser, args)
+    return args
+
+
+def _settle_args(parser, args) -> None:
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + list(getattr(args, "set_overrides", None) or [])
+    if hasattr(args, "checkpoint_flag"):
+        pos, flag = args.checkpoint, args.checkpoint_flag
+        if pos and flag and "=" in pos and hasattr(args, "overrides"):
+            args.overrides.insert(0, pos)
+            pos = None
+        if pos and flag and pos != flag:
+            parser.error(f"two checkpoints given: {pos} and --checkpoint {flag}")
+        args.checkpoint = pos or flag
+        if not args.checkpoint:
+            parser.error(f"ualm {args.command}: a checkpoint is required (positional or --checkpoint)")
 
 
 def main(argv=None) -> int:
@@ -441,15 +549,7 @@ def debug_requested(args=None) -> bool:
 
 def _main(argv) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if "--debug" in extra:  # also accepted after the command
-        extra = [e for e in extra if e != "--debug"]
-        args.debug = True
-    # Dotted overrides may follow options (`import-hf DIR --out X model.k=v`).
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides or []) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_args(parser, argv)
     try:
         return args.func(args)
     except Exception as e:  # noqa: BLE001 - expected failures become one line, the rest re-raise

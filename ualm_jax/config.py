@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import functools
 import math
+import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -30,6 +32,18 @@ class ConfigError(ValueError):
 MIN_SEQ_LEN = 8
 
 
+# Schema rules (checked generically, no per-field code):
+# - a closed set of strings is a `Literal[...]` annotation: loading refuses any other value,
+#   naming the dotted key, the value and the choices (`check_choices` re-checks a built object);
+# - `_shape(default)` marks a model field that defines the checkpoint's parameters (`shape_keys`);
+# - one merge rule for presets, `base:` files and overrides (`merge`).
+
+
+def _shape(default):
+    """A field whose change makes the checkpoint another model's (see shape_keys)."""
+    return field(default=default, metadata={"shape": True})
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -39,20 +53,17 @@ MIN_SEQ_LEN = 8
 class AudioEncoderConfig:
     """Whisper-style encoder (AF-Whisper: Whisper-large-v3 + avg-pool 2 -> 25 frames/s)."""
 
-    enabled: bool = True
-    n_mels: int = 128
-    d_model: int = 1280
-    n_layers: int = 32
-    n_heads: int = 20
-    d_ff: int = 5120
-    max_mel_frames: int = 3000  # one 30 s window at a 10 ms hop
-    pool: int = 2  # average pooling after the encoder (AF-Whisper); 1 disables it
-    layer_norm_eps: float = 1e-5
+    # Every field but `frozen` defines the checkpoint (resuming refuses a change, train/rundir.py).
+    enabled: bool = _shape(True)
+    n_mels: int = _shape(128)
+    d_model: int = _shape(1280)
+    n_layers: int = _shape(32)
+    n_heads: int = _shape(20)
+    d_ff: int = _shape(5120)
+    max_mel_frames: int = _shape(3000)  # one 30 s window at a 10 ms hop
+    pool: int = _shape(2)  # average pooling after the encoder (AF-Whisper); 1 disables it
+    layer_norm_eps: float = _shape(1e-5)
     frozen: bool = True  # frozen in every UALM stage: no gradient flows into it
-
-    @property
-    def frames_per_window(self) -> int:
-        return self.max_mel_frames // 2 // self.pool
 
 
 @dataclass
@@ -61,33 +72,36 @@ class ModelConfig:
 
     preset: str = "tiny"
     # Backbone (Qwen2.5 names in comments: hidden_size, num_hidden_layers, ...).
-    text_vocab_size: int = 151936
-    d_model: int = 1536
-    n_layers: int = 28
-    n_heads: int = 12
-    n_kv_heads: int = 2
-    head_dim: int = 128
-    d_ff: int = 8960
+    # `_shape(...)` marks a field that defines the checkpoint's parameters: resuming a run dir
+    # whose config.yaml differs in one fails naming it (shape_keys, train/rundir.py).
+    text_vocab_size: int = _shape(151936)
+    d_model: int = _shape(1536)
+    n_layers: int = _shape(28)
+    n_heads: int = _shape(12)
+    n_kv_heads: int = _shape(2)
+    head_dim: int = _shape(128)
+    d_ff: int = _shape(8960)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     qkv_bias: bool = True
-    tie_embeddings: bool = False  # UALM unties the head; True gives a plain tied Qwen2 model
+    tie_embeddings: bool = _shape(False)  # UALM unties the head; True gives a plain tied Qwen2 model
     # Joint vocabulary: [specials | text shifted | K codebooks of C+1 ids].
-    num_special: int = 256
-    num_codebooks: int = 8
-    codebook_size: int = 1024
-    vocab_pad_multiple: int = 128  # joint vocab rounded up so it shards evenly
+    num_special: int = _shape(256)
+    num_codebooks: int = _shape(8)
+    codebook_size: int = _shape(1024)
+    vocab_pad_multiple: int = _shape(128)  # joint vocab rounded up so it shards evenly
     # Audio input.
     audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
-    adapter: str = "linear"  # UALM: one linear layer; "mlp": Audio Flamingo 3's 2-layer GELU MLP
+    # UALM: one linear layer; "mlp": Audio Flamingo 3's 2-layer GELU MLP.
+    adapter: Literal["linear", "mlp"] = _shape("linear")
     # Numerics and memory.
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "float32"  # master weights
-    scan_layers: bool = True
-    remat: str = "full"  # none | full | dots | dots_no_batch | qkv_proj
-    attention: str = "auto"  # auto | xla | cudnn
-    # Loss.
-    loss_objective: str = "reference"  # reference | modality | consistent (see model/loss.py)
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"  # compute dtype
+    param_dtype: Literal["bfloat16", "float32"] = _shape("float32")  # master weights
+    scan_layers: bool = _shape(True)
+    remat: Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"] = "full"
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # Loss (see model/loss.py).
+    loss_objective: Literal["reference", "modality", "consistent"] = "reference"
     loss_chunk_size: int = 1024  # sequence chunk for the head + CE; 0 = whole sequence
     # Streams 1..K-1 (reference/modality objectives): the audio softmax runs per interval of
     # whole codebooks, split as the reference splits it (one interval for 8 x 1025 ids).
@@ -113,12 +127,7 @@ class ModelConfig:
                 f"{p}.n_heads={self.n_heads} must be a multiple of {p}.n_kv_heads={self.n_kv_heads}")
         if self.num_special < 9:
             raise ConfigError(f"{p}.num_special={self.num_special} must be >= 9 (UALM's specials)")
-        _choice(f"{p}.adapter", self.adapter, ("linear", "mlp"))
-        _choice(f"{p}.dtype", self.dtype, ("bfloat16", "float32", "float16"))
-        _choice(f"{p}.param_dtype", self.param_dtype, ("bfloat16", "float32"))
-        _choice(f"{p}.remat", self.remat, ("none", "full", "dots", "dots_no_batch", "qkv_proj"))
-        _choice(f"{p}.attention", self.attention, ("auto", "xla", "cudnn"))
-        _choice(f"{p}.loss_objective", self.loss_objective, ("reference", "modality", "consistent"))
+        check_choices(self, p)
         if self.loss_chunk_size < 0:
             raise ConfigError(f"{p}.loss_chunk_size={self.loss_chunk_size} must be >= 0")
         if self.max_loss_interval <= 0:
@@ -192,7 +201,7 @@ class OptimConfig:
     learning_rate: float = 1e-4
     end_learning_rate_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 2000
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -200,7 +209,7 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def validate(self, prefix: str = "optim") -> None:
-        _choice(f"{prefix}.schedule", self.schedule, ("cosine", "constant"))
+        check_choices(self, prefix)
         # Each of these out of range turns every update into NaN/inf (or silently off): eps=0
         # divides 0 by 0 for a zero gradient, b2=1 divides by 1-b2^t=0, lr=nan poisons all.
         _in_range(f"{prefix}.learning_rate", self.learning_rate, lo=0.0)
@@ -221,8 +230,11 @@ class TrainConfig:
     batch_size: int = 8  # global, in packed sequences
     seq_len: int = 256
     microbatches: int = 1  # gradient accumulation: batch_size / microbatches per pass
-    objective: str = "lm"  # lm: weighted next-token CE | dpo: preference pairs (see dpo.*)
-    stage: str = "full"  # full | align | custom  (what is trained, see train/freeze.py)
+    # What the run optimises: lm = weighted next-token CE (the loss of model.loss_objective) |
+    # dpo = preference pairs (dpo.*; implies data.source=preference). The one key for "this is a
+    # DPO run"; `train.objective` is accepted as its former name.
+    mode: Literal["lm", "dpo"] = "lm"
+    stage: Literal["full", "align", "custom"] = "full"  # what is trained, see train/freeze.py
     init_from: str = ""  # params of this checkpoint (e.g. `ualm import-hf` output) start a new run
     freeze: list = field(default_factory=list)  # extra globs of parameter names to freeze
     log_every: int = 10
@@ -232,7 +244,8 @@ class TrainConfig:
     keep_last: int = 3  # newest checkpoints kept
     keep_every: int = 0  # also keep every step divisible by this forever; 0: none
     async_checkpoint: bool = True
-    nan_policy: str = "skip"  # skip: drop the update and count it | stop: raise naming the step
+    # skip: drop the update and count it | stop: raise naming the step
+    nan_policy: Literal["skip", "stop"] = "skip"
     tensorboard: bool = True
     min_free_disk_factor: float = 2.0  # refuse to start with less free disk than this x one checkpoint
     probe_timeout_s: float = 60.0  # the run dir's probe write (gs:// clients retry for minutes)
@@ -249,9 +262,7 @@ class TrainConfig:
         if self.batch_size % self.microbatches:
             raise ConfigError(f"{prefix}.batch_size={self.batch_size} must be divisible by "
                               f"{prefix}.microbatches={self.microbatches}")
-        _choice(f"{prefix}.stage", self.stage, ("full", "align", "custom"))
-        _choice(f"{prefix}.objective", self.objective, ("lm", "dpo"))
-        _choice(f"{prefix}.nan_policy", self.nan_policy, ("skip", "stop"))
+        check_choices(self, prefix)
         if self.seq_len < MIN_SEQ_LEN:
             raise ConfigError(f"{prefix}.seq_len={self.seq_len} must be >= {MIN_SEQ_LEN} (a packed "
                               "row holds at least one <bos> <user> <modality> ... <eos> sample)")
@@ -260,13 +271,87 @@ class TrainConfig:
         _in_range(f"{prefix}.probe_timeout_s", self.probe_timeout_s, lo=0.0, lo_open=True)
 
 
+# The built-in synthetic stream's tasks (train/synthetic.py renders them): data.task_weights keys.
+SYNTHETIC_TASKS = ("text", "caption", "t2a")
+
+
+@dataclass(frozen=True)
+class MixtureEntry:
+    """One `data.mixture` entry (data_pipelines/mixture.py turns them into sampling weights)."""
+
+    name: str
+    path: str = ""  # a built dataset directory; empty when the caller hands sources in directly
+    share: float = 1.0  # target share of TOKENS (any scale: shares are renormalised)
+    upsample: float = 1.0  # multiplies the share (UALM upsamples generation data 2x)
+
+    @property
+    def weighted_share(self) -> float:
+        return self.share * self.upsample
+
+
+_MIXTURE_FIELDS = tuple(f.name for f in dataclasses.fields(MixtureEntry))
+
+
+def _mixture_number(value, where: str, minimum: float, strict: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ConfigError(f"{where}={value!r}: expected a number {bound}")
+    return float(value)
+
+
+def parse_mixture(entries, prefix: str = "data.mixture") -> list[MixtureEntry]:
+    """Validate `data.mixture` (a list of mappings or MixtureEntry) -> list of MixtureEntry.
+
+    The one parser of mixture entries: Config validation runs it at load (data.source=mixture)
+    and data_pipelines/mixture.py re-exports it. Errors are ConfigError (a ValueError) naming the
+    field, e.g. `data.mixture[1].share=-2: expected a number >= 0`.
+    """
+    fields = ", ".join(_MIXTURE_FIELDS)
+    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
+        raise ConfigError(f"{prefix} must be a list of {{{fields}}} entries, "
+                          f"got {type(entries).__name__}")
+    if not entries:
+        raise ConfigError(f"{prefix} is empty: give at least one {{name, path, share}} entry")
+    out, seen = [], {}
+    for i, raw in enumerate(entries):
+        where = f"{prefix}[{i}]"
+        if isinstance(raw, MixtureEntry):
+            raw = dataclasses.asdict(raw)
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping with keys {fields}, "
+                              f"got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(_MIXTURE_FIELDS), key=str)
+        if unknown:
+            raise ConfigError(f"{where} has unknown key(s) {', '.join(map(str, unknown))}; "
+                              f"expected {fields}")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}.name={name!r}: expected a non-empty task name")
+        if name in seen:
+            raise ConfigError(f"{where}.name={name!r}: already used by {prefix}[{seen[name]}]")
+        seen[name] = i
+        path = raw.get("path", "")
+        if path is None:
+            path = ""
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}.path={path!r}: expected a directory path string")
+        share = _mixture_number(raw.get("share", 1.0), f"{where}.share", 0.0, strict=False)
+        upsample = _mixture_number(raw.get("upsample", 1.0), f"{where}.upsample", 0.0, strict=True)
+        out.append(MixtureEntry(name, path, share, upsample))
+    if sum(e.weighted_share for e in out) <= 0:
+        raise ConfigError(f"{prefix}: every share is 0; at least one task needs share > 0")
+    return out
+
+
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic: built-in stream | mixture: built shards | preference
+    # synthetic: built-in stream | mixture: built shards | preference
+    source: Literal["synthetic", "mixture", "preference"] = "synthetic"
     preference_path: str = ""  # preference: a `ualm data build preference` output directory
     # synthetic only: relative example weights per task.
     task_weights: dict = field(default_factory=lambda: {"text": 1.0, "caption": 1.0, "t2a": 1.0})
-    # mixture only: one entry per task, e.g.
+    # mixture only: one MixtureEntry mapping per task (checked at load), e.g.
     #   {name: t2a, path: data/audiocaps, share: 0.331, upsample: 2.0}
     # `share` is a target share of TOKENS; `upsample` multiplies it (then shares are renormalised).
     mixture: list = field(default_factory=list)
@@ -278,7 +363,7 @@ class DataConfig:
     # header tokens, weight 1 in stream 0 (the reference: the model learns to choose the
     # modality); reasoning = only headers continuing an assistant turn in reasoning records;
     # none = headers are always forced.
-    supervise_headers: str = "assistant"
+    supervise_headers: Literal["assistant", "reasoning", "none"] = "assistant"
     # true: text token id 0 (Qwen's "!") renders as pad 0 with no loss, as the reference's
     # preprocessing does; false (ours): it stays joint id text_offset like any other text id.
     text_id0_as_pad: bool = False
@@ -290,28 +375,26 @@ class DataConfig:
     stage_dir: str = ""
 
     def validate(self, prefix: str = "data") -> None:
-        _choice(f"{prefix}.source", self.source, ("synthetic", "mixture", "preference"))
-        _choice(f"{prefix}.supervise_headers", self.supervise_headers,
-                ("assistant", "reasoning", "none"))
+        check_choices(self, prefix)
         if self.source == "preference" and not self.preference_path:
             raise ConfigError(f"{prefix}.source=preference needs {prefix}.preference_path")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ConfigError(f"{prefix}.cfg_dropout={self.cfg_dropout} must lie in [0, 1]")
         if self.source == "mixture" and not self.mixture:
             raise ConfigError(f"{prefix}.source=mixture needs {prefix}.mixture entries")
-        remote = [(f"{prefix}.mixture[{i}].path", e.get("path")) for i, e in enumerate(self.mixture)
-                  if isinstance(e, dict) and self.source == "mixture"]
+        # Each entry must parse as a MixtureEntry (the data pipeline parses them the same way);
+        # config.yaml keeps them as the plain mappings the user wrote.
+        entries = parse_mixture(self.mixture, f"{prefix}.mixture") if self.source == "mixture" else []
+        remote = [(f"{prefix}.mixture[{i}].path", e.path) for i, e in enumerate(entries)]
         remote += [(f"{prefix}.preference_path", self.preference_path)] if self.source == "preference" else []
         for key, path in remote:
             if isinstance(path, str) and storage.is_url(path) and not self.stage_dir:
                 raise ConfigError(storage.local_io_route(path, key))
         if self.source == "synthetic":
-            from ualm_jax.train.synthetic import TASKS
-
             for name, w in self.task_weights.items():
-                if name not in TASKS:
+                if name not in SYNTHETIC_TASKS:
                     raise ConfigError(f"{prefix}.task_weights has unknown task {name!r}; "
-                                      f"tasks: {', '.join(TASKS)}")
+                                      f"tasks: {', '.join(SYNTHETIC_TASKS)}")
                 if not isinstance(w, (int, float)) or w < 0:
                     raise ConfigError(f"{prefix}.task_weights.{name}={w!r} must be a number >= 0")
 
@@ -320,10 +403,11 @@ class DataConfig:
 class DPOConfig:
     beta: float = 0.1  # (?)
     ce_weight: float = 1.0  # CE on the chosen sample keeps the policy from drifting (UALM.md)
-    reference: str = "online"  # online: frozen train.init_from params | offline: pairs' ref_logp
+    # online: frozen train.init_from params | offline: pairs' ref_logp
+    reference: Literal["online", "offline"] = "online"
 
     def validate(self, prefix: str = "dpo") -> None:
-        _choice(f"{prefix}.reference", self.reference, ("online", "offline"))
+        check_choices(self, prefix)
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"{prefix}.beta={self.beta} must be a finite number > 0")
         if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
@@ -367,10 +451,11 @@ class Config:
         if self.eval.prompts and not (self.data.tokenizer and self.data.codec):
             raise ConfigError("eval.prompts generates audio during training: set data.tokenizer "
                               "and data.codec")
-        if self.train.objective == "dpo":
+        if self.train.mode == "dpo":
             if self.data.source != "preference":
-                raise ConfigError("train.objective=dpo reads preference pairs: set "
-                                  "data.source=preference and data.preference_path")
+                raise ConfigError(f"train.mode=dpo reads preference pairs, not "
+                                  f"data.source={self.data.source}: leave data.source unset (it "
+                                  "becomes preference) and set data.preference_path")
             if self.dpo.reference == "online" and not self.train.init_from:
                 raise ConfigError("dpo.reference=online freezes the starting model as the "
                                   "reference: set train.init_from (or use dpo.reference=offline)")
@@ -403,9 +488,37 @@ def _in_range(name: str, value: float, lo: float | None = None, hi: float | None
     raise ConfigError(f"{name}={value!r} {rule}" + (f" ({note})" if note else ""))
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+def _check_literal(name: str, value, options: tuple) -> None:
     if value not in options:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, options))}")
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def check_choices(obj, prefix: str) -> None:
+    """Every `Literal[...]` field of dataclass `obj` holds one of its choices (loading already
+    refuses others; this catches objects built or replaced in code)."""
+    for f in dataclasses.fields(obj):
+        tp = _hints(type(obj))[f.name]
+        if typing.get_origin(tp) is Literal:
+            _check_literal(f"{prefix}.{f.name}", getattr(obj, f.name), typing.get_args(tp))
+
+
+def shape_keys(cls=None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted names of the fields marked `_shape` (metadata shape=True) in ModelConfig and its
+    nested sections: the fields a checkpoint's parameter shapes and dtypes depend on."""
+    cls = ModelConfig if cls is None else cls
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += shape_keys(tp, f"{prefix}{f.name}.")
+        elif f.metadata.get("shape"):
+            out.append(prefix + f.name)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,17 +540,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Each `a.b.c=value` merges {a: {b: {c: value}}} over raw (`merge`: a mapping value such as
+    `mesh.rules={embed: null}` changes only the keys it names)."""
     for item in overrides:
         keys, value = parse_override(item)
         node = raw
         for k in keys[:-1]:
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            if not isinstance(nxt, dict):
+            node = node.get(k)
+            if node is None:
+                break
+            if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
-            node = nxt
-        node[keys[-1]] = value
+        for k in reversed(keys):
+            value = {k: value}
+        raw = merge(raw, value)
     return raw
 
 
@@ -448,19 +564,20 @@ def _expand_presets(raw: dict) -> dict:
     if model is None:
         model = raw["model"] = {}
     if isinstance(model, dict):
-
-        merged = preset_dict(model.get("preset", ModelConfig.preset))
-        _deep_update(merged, model)
-        raw["model"] = merged
+        raw["model"] = merge(preset_dict(model.get("preset", ModelConfig.preset)), model)
     return raw
 
 
-def _deep_update(base: dict, update: dict) -> None:
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "rules":
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
+def merge(base: dict, top: dict) -> dict:
+    """`top` over `base` -> a new dict. The one merge rule of config layers (model preset <-
+    `base:` files in order <- the file <- dotted overrides): mappings merge key by key, at every
+    depth (so `mesh.rules` in a file or an override changes only the rules it names); lists
+    (data.mixture, train.freeze, ...) and scalars are replaced whole. A section absent from every
+    layer takes its dataclass default (for `mesh.rules`: the whole default table)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def from_dict(cls, data: Any, prefix: str = ""):
@@ -469,7 +586,7 @@ def from_dict(cls, data: Any, prefix: str = ""):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -491,6 +608,9 @@ def _coerce(tp, value, name: str):
         return _coerce(args[0], value, name)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name)
+    if origin is Literal:
+        _check_literal(name, value, typing.get_args(tp))
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -525,14 +645,6 @@ def _coerce(tp, value, name: str):
     return value
 
 
-def _merge(base: dict, top: dict) -> dict:
-    """top over base, recursively for mappings (lists and scalars are replaced whole)."""
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """A config file with its `base:` files (paths relative to it; a list merges in order)
     underneath: e.g. `base: mixtures/paper_blend.yaml` brings in a data mixture preset."""
@@ -548,6 +660,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    _anchor_paths(raw, path.parent)
     bases = raw.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
@@ -555,26 +668,82 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: base={bases!r}: expected a file path or a list of them")
     merged: dict = {}
     for b in bases:
-        merged = _merge(merged, _read_yaml(path.parent / b, seen + (me,)))
-    return _merge(merged, raw)
+        merged = merge(merged, _read_yaml(path.parent / b, seen + (me,)))
+    return merge(merged, raw)
+
+
+# Keys holding file or folder paths. In a YAML file, a value starting with ./ or ../ is relative to
+# that file's folder (so a config works from any directory); any other relative path is relative
+# to the current directory, as on the command line.
+PATH_KEYS = (("data", "preference_path"), ("data", "tokenizer"), ("data", "codec"),
+             ("data", "stage_dir"), ("eval", "prompts"), ("eval", "clap"), ("eval", "fd_model"),
+             ("train", "init_from"))
+
+
+def _anchor_paths(raw: dict, folder) -> None:
+    def anchored(value):
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            joined = str(folder / value)
+            return joined if storage.is_url(joined) else os.path.normpath(joined)
+        return value
+
+    for section, key in PATH_KEYS:
+        node = raw.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = anchored(node[key])
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("mixture"), list):
+        data["mixture"] = [dict(e, path=anchored(e["path"])) if isinstance(e, dict) and "path" in e
+                           else e for e in data["mixture"]]
+
+
+def _one_key_for_dpo(raw: dict) -> dict:
+    """`train.objective` (the former name) -> `train.mode`; a DPO run needs one key: train.mode=dpo
+    implies data.source=preference and data.source=preference implies train.mode=dpo."""
+    train, data = raw.get("train"), raw.get("data")
+    if isinstance(train, dict) and "objective" in train:
+        train = raw["train"] = dict(train)
+        old = train.pop("objective")
+        if train.setdefault("mode", old) != old:
+            raise ConfigError(f"train.objective={old} and train.mode={train['mode']} disagree: "
+                              "set train.mode only (train.objective is its former name)")
+    mode = train.get("mode") if isinstance(train, dict) else None
+    source = data.get("source") if isinstance(data, dict) else None
+    if mode == "dpo" and source is None:
+        raw["data"] = dict(data or {}, source="preference")
+    elif source == "preference" and mode is None:
+        raw["train"] = dict(train or {}, mode="dpo")
+    return raw
+
+
+def config_path(path: str | Path):
+    """A config file as given, else a preset of the same name shipped with the package
+    (`configs/demo.yaml`, `demo.yaml` and `demo` all name configs/demo.yaml from any directory)."""
+    given = storage.as_path(path)
+    if storage.is_url(path) or given.is_file():
+        return given
+    import importlib.resources
+
+    name = str(path).replace("\\", "/")
+    name = name[len("configs/"):] if name.startswith("configs/") else name
+    name = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    try:
+        shipped = Path(str(importlib.resources.files("ualm_jax.configs").joinpath(name)))
+    except ModuleNotFoundError:  # an install without the presets
+        return given
+    return shipped if shipped.is_file() else given
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 cls=Config):
-    raw: dict = {} if path is None else _read_yaml(storage.as_path(path))
+    raw: dict = {} if path is None else _read_yaml(config_path(path))
     raw = apply_overrides(raw, list(overrides or []))
     if any(f.name == "model" for f in dataclasses.fields(cls)):
         raw = _expand_presets(raw)
+    if cls is Config:
+        raw = _one_key_for_dpo(raw)
     cfg = from_dict(cls, raw)
     return cfg.validate()
-
-
-def dump_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())
-
-
-def config_json(cfg) -> str:
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
 
 
 def preset_dict(name: str) -> dict:
@@ -588,8 +757,6 @@ def preset_dict(name: str) -> dict:
 
 def preset_config(name: str, **overrides) -> ModelConfig:
     """A validated ModelConfig of a preset, with field overrides on top."""
-    d = preset_dict(name)
-    _deep_update(d, overrides)
-    cfg = from_dict(ModelConfig, d, "model")
+    cfg = from_dict(ModelConfig, merge(preset_dict(name), overrides), "model")
     cfg.validate()
     return cfg

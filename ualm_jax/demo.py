@@ -37,7 +37,7 @@ def demo_config(config: str, overrides: Sequence[str], info: dict):
 
 
 def prepare(run_dir: Path, config: str, overrides: Sequence[str], clips: int, problems: int) -> dict:
-    from data_pipelines.demo_data import prepare_world_data
+    from data_pipelines.demo_world.demo_data import prepare_world_data
     from ualm_jax.config import load_config
 
     model = load_config(config, list(overrides)).model

@@ -1,4 +1,4 @@
-"""TFDS builders that turn manifests into stored records (data_pipelines.records).
+"""TFDS builders that turn manifests into stored records (ualm_jax.format.records).
 
 Use `data_pipelines.build.build(kind, manifest, out_dir, ...)` rather than these classes directly.
 """

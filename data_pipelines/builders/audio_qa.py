@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from data_pipelines import features as F
 from data_pipelines.builders.common import Converter, ManifestBuilder, Skip, require_text
-from data_pipelines.template import Segment
+from ualm_jax.format.template import Segment
 
 ROLES = ("system", "user", "assistant")
 

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import features as F
 from data_pipelines.builders.common import Converter, ManifestBuilder, require_text
-from data_pipelines.template import captioning_segments, text_to_audio_segments
+from ualm_jax.format.template import captioning_segments, text_to_audio_segments
 
 TASK_CHOICES = ("both", "t2a", "caption")
 

@@ -39,9 +39,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import features as F
-from data_pipelines.records import to_record
-from data_pipelines.template import Segment, render
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.records import to_record
+from ualm_jax.format.template import Segment, render
+from ualm_jax.format.vocab import JointVocab
 
 SPLITS = ("train", "validation")
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation",
@@ -634,7 +634,7 @@ class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     converter_cls = Converter
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Records of data_pipelines.records (to_record fields)."}
+    RELEASE_NOTES = {"1.0.0": "Records of ualm_jax.format.records (to_record fields)."}
 
     @tfds.core.utils.classproperty
     @classmethod

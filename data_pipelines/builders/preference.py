@@ -19,8 +19,8 @@ import tensorflow_datasets as tfds
 
 from data_pipelines.builders.common import (Converter, ManifestBuilder, Skip, check_finite,
                                             record_features, require_text)
-from data_pipelines.records import from_record
-from data_pipelines.template import text_to_audio_segments
+from ualm_jax.format.records import from_record
+from ualm_jax.format.template import text_to_audio_segments
 
 SIDES = ("chosen", "rejected")
 

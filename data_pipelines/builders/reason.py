@@ -19,8 +19,8 @@ supervised, so the model learns to switch modality inside its own turn.
 from __future__ import annotations
 
 from data_pipelines.builders.common import Converter, ManifestBuilder, Skip, require_text
-from data_pipelines.records import REASON_TASK_PREFIX, is_reason_task  # noqa: F401 (re-exported)
-from data_pipelines.template import Segment
+from ualm_jax.format.records import REASON_TASK_PREFIX, is_reason_task  # noqa: F401 (re-exported)
+from ualm_jax.format.template import Segment
 
 BEHAVIOURS = ("enrichment", "dialogue", "self_reflection")
 TASK_PREFIX = REASON_TASK_PREFIX

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from data_pipelines.builders.audio_qa import check_messages
 from data_pipelines.builders.common import Converter, ManifestBuilder
-from data_pipelines.template import Segment
+from ualm_jax.format.template import Segment
 
 
 class TextSFTConverter(Converter):

@@ -30,7 +30,7 @@ from ualm_jax.config import load_config
 from ualm_jax.convert.export_files import (MANIFEST, commit_export, copy_tokenizer, qwen2_config,
                                             raise_if_disk_full)
 from ualm_jax.convert.hf_qwen2 import decoder_to_hf
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab
 
 FORMATS = ("pytorch", "hf-text", "ualm-reference")
 def ualm_config(cfg) -> dict:

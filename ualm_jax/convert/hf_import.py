@@ -29,7 +29,7 @@ from ualm_jax.config import Config
 from ualm_jax.convert.hf_files import HFTensors, read_config
 from ualm_jax.convert.hf_qwen2 import decoder_from_hf
 from ualm_jax.model.params import build_model, init_params
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab
 
 QWEN2_ARCHS = ("Qwen2ForCausalLM", "Qwen2Model")
 

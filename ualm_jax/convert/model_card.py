@@ -1,7 +1,7 @@
 """The short README.md every export carries: what the folder is, its vocabulary, how to load it."""
 from __future__ import annotations
 
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab
 
 _LOAD = {
     "pytorch": (

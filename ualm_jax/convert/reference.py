@@ -29,7 +29,7 @@ import yaml
 
 from ualm_jax.convert.hf_qwen2 import decoder_from_hf, decoder_to_hf, hf_decoder_names
 from ualm_jax.convert.hf_whisper import whisper_encoder_params_from_hf, whisper_encoder_params_to_hf
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 ENCODER = "multimodal_io_dict.continuous_audio.model."
@@ -393,6 +393,7 @@ def import_reference(source: str | Path, out_dir: str | Path, cfg) -> dict:
     (params only, usable as train.init_from), as `ualm import-hf` lays it out."""
     from ualm_jax.checkpoint import save_params
     from ualm_jax.model.params import abstract_params, build_model
+    from ualm_jax.model.paths import named_leaves
 
     out_dir = Path(out_dir)
     if (out_dir / "checkpoints").exists():
@@ -402,12 +403,9 @@ def import_reference(source: str | Path, out_dir: str | Path, cfg) -> dict:
     state, path = read_state(source)
     params, report = params_from_reference(state, cfg)
     shapes, _ = abstract_params(build_model(cfg.model))
-    import jax
 
-    want = {"/".join(str(getattr(p, "key", p)) for p in k): (tuple(v.shape), str(v.dtype))
-            for k, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    got = {"/".join(str(getattr(p, "key", p)) for p in k): (tuple(v.shape), str(v.dtype))
-           for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {k: (tuple(v.shape), str(v.dtype)) for k, v in named_leaves(shapes)}
+    got = {k: (tuple(v.shape), str(v.dtype)) for k, v in named_leaves(params)}
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:6]
         raise ValueError(f"imported tree does not match the model's parameters: {diff}")

@@ -9,7 +9,7 @@ naming the model that produced it; one whose model or data is missing is skipped
   gen/world_match  share of clips whose analysed events strictly match the prompt (world prompts,
                    i.e. lines with "events"; caption_match strict, as the demo's t2a "match")
   gen/world_judge  mean analyser.judge score against the prompt (the make-pairs builtin judge)
-The maths is ualm_jax.eval (evaluate_generation) and data_pipelines.analyser; this module only
+The maths is ualm_jax.eval (evaluate_generation) and data_pipelines.demo_world.analyser; this module only
 generates, loads references and reports. The train loop calls generation_eval (eval.prompts).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from ualm_jax import storage
 from ualm_jax.eval.metrics import MetricResult
 
-WORLD_JUDGE = "world-analyser(data_pipelines.analyser, DSP)"
+WORLD_JUDGE = "world-analyser(data_pipelines.demo_world.analyser, DSP)"
 METRICS_FILE = "eval_metrics.json"
 
 
@@ -69,7 +69,7 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
     from data_pipelines.features import load_audio
     from ualm_jax.eval.generation_eval import evaluate_generation
     from ualm_jax.infer.decode import GenerationConfig
-    from ualm_jax.infer.make_pairs import Synthesizer
+    from ualm_jax.infer.prompts import Synthesizer
 
     prompts = list(prompts)[:max_prompts] if max_prompts else list(prompts)
     if not prompts:
@@ -113,7 +113,7 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
 
     world = [(w, c) for w, c, p in zip(waves, captions, prompts) if p.get("events") is not None]
     if world:
-        from data_pipelines.analyser import score_caption
+        from data_pipelines.demo_world.analyser import score_caption
 
         # Against the prompt text, not the reference's events: a prompt states no timing.
         strict, scores = zip(*(score_caption(w, c, sr) for w, c in world))
@@ -136,12 +136,12 @@ def format_table(ev: GenerationEval, header: str = "") -> str:
 
 
 def eval_command(args) -> int:
-    from ualm_jax.infer.make_pairs import read_prompts
+    from ualm_jax.infer.prompts import read_prompts
     from ualm_jax.infer.tasks import load
 
     prompts = read_prompts(args.prompts)  # before loading anything: a bad file fails fast
     clap, fd = make_clap(args.clap), make_fd_embedder(args.fd_model)
-    m = load(args.checkpoint, args.tokenizer, args.codec)
+    m = load(args.checkpoint, args.tokenizer, args.codec, overrides=args.overrides)
     ev = generation_eval(m, prompts, Path(args.prompts).resolve().parent, clap, fd, args.cfg,
                          args.max_prompts, args.seed, max_new=args.max_new,
                          max_audio_frames=args.max_audio_frames, batch_size=args.batch_size,

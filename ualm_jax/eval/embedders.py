@@ -18,26 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
+from data_pipelines.features import resample, split_windows, to_mono
+
 # ---------------------------------------------------------------- waveform helpers
-
-
-def to_mono(wave: np.ndarray) -> np.ndarray:
-    """1-D float32 mono; 2-D input is [channels, samples] (librosa's layout) and is averaged."""
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.ndim == 2:
-        wave = wave.mean(axis=0)
-    if wave.ndim != 1:
-        raise ValueError(f"expected [T] or [C, T] audio, got shape {wave.shape}")
-    return wave
-
-
-def resample(wave: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    """soxr 'HQ', the resampler stable-audio-metrics uses (directly and through librosa.load)."""
-    if int(sr_in) == int(sr_out):
-        return wave
-    import soxr
-
-    return soxr.resample(wave, int(sr_in), int(sr_out), quality="HQ").astype(np.float32)
+# to_mono / resample / split_windows are data_pipelines.features' (one copy, [N] / [N, channels]).
 
 
 def peak_normalise(wave: np.ndarray, peak_db: float = -1.0) -> np.ndarray:
@@ -46,26 +30,6 @@ def peak_normalise(wave: np.ndarray, peak_db: float = -1.0) -> np.ndarray:
     if peak == 0.0:
         return wave
     return (wave * (10.0 ** (peak_db / 20.0) / peak)).astype(np.float32)
-
-
-def split_windows(wave: np.ndarray, sr: int, window_s: float, hop_s: float,
-                  min_fraction: float = 0.15) -> list[np.ndarray]:
-    """Fixed windows for taggers trained on fixed-length clips (PaSST: 10 s, hop 5 s).
-
-    A last window shorter than window_s is zero-padded when it holds more than min_fraction of a
-    window and dropped otherwise (mostly padding reads as silence), as stable-audio-metrics and
-    AudioCraft do. A clip shorter than one window still gives one padded window.
-    """
-    win, hop = int(round(window_s * sr)), int(round(hop_s * sr))
-    out = []
-    for start in range(0, max(hop, len(wave) - hop), hop):
-        chunk = wave[start:start + win]
-        if len(chunk) < win:
-            if len(chunk) <= min_fraction * win and out:
-                continue
-            chunk = np.pad(chunk, (0, win - len(chunk)))
-        out.append(chunk)
-    return out
 
 
 def _torch():
@@ -84,7 +48,7 @@ class AudioEmbedder(abc.ABC):
     sample_rate: int
 
     def prepare(self, waves: Sequence[np.ndarray], sr: int) -> list[np.ndarray]:
-        """Mono float32 at this embedder's rate."""
+        """Mono float32 at this embedder's rate; each wave is [N] or [N, channels]."""
         return [resample(to_mono(w), sr, self.sample_rate) for w in waves]
 
     @abc.abstractmethod

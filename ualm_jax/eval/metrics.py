@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import string
 import warnings
 from typing import Iterable
 
@@ -160,14 +159,16 @@ def clap_score(audio_emb: np.ndarray, text_emb: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- text answers
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
+_NOT_ANSWER = re.compile(r"[^\w\s,+\-=]")
 
 
 def normalise_answer(text: str) -> str:
-    """Lower case, drop punctuation and English articles, collapse whitespace (SQuAD-style)."""
-    text = _ARTICLES.sub(" ", str(text).lower().translate(_PUNCT))
-    return " ".join(text.split())
+    """The one answer normaliser (accuracy here, the demo's world_eval): lower case; punctuation
+    other than `, + - =` (which carry meaning in arithmetic and list answers) becomes a space;
+    commas are written "a, b"; whitespace is collapsed. Articles are kept.
+    '  The Noise  burst.' -> 'the noise burst'; '3 ,5, 9.' -> '3, 5, 9'."""
+    text = _NOT_ANSWER.sub(" ", str(text).lower()).replace(",", " , ")
+    return " ".join(text.split()).replace(" ,", ",")
 
 
 def accuracy(predictions: Iterable[str], references: Iterable[str], normalise: bool = True) -> float:

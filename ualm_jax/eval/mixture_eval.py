@@ -5,22 +5,17 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence
 
-import jax
-
 from ualm_jax.checkpoint import load_params, resolve
 from ualm_jax.config import load_config
+from ualm_jax.train import data as data_lib
+from ualm_jax.train.evaluation import eval_record, eval_sums
+from ualm_jax.train.setup import setup_training
 
 
 def evaluate_mixture(config: str, checkpoint: str, batches: Optional[int] = None,
                      overrides: Sequence[str] = ()) -> dict:
     """The model comes from the checkpoint's run config, the data from `config` (a run's config
     evaluates on its own mixture; another config asks how it does on other data)."""
-    from ualm_jax.model.params import build_model, param_shardings
-    from ualm_jax.sharding import make_mesh
-    from ualm_jax.train import data as data_lib
-    from ualm_jax.train.loop import eval_record, eval_sums
-    from ualm_jax.train.step import make_eval_step, with_mesh_context
-
     cfg = load_config(config, list(overrides))
     if cfg.data.source != "mixture":
         raise ValueError(f"{config}: data.source={cfg.data.source!r}; `mixture eval` needs "
@@ -29,14 +24,10 @@ def evaluate_mixture(config: str, checkpoint: str, batches: Optional[int] = None
     if run_config.exists():
         cfg.model = load_config(str(run_config)).model
     batches = batches or cfg.train.eval_batches or 8
-    mesh = make_mesh(cfg.mesh)
-    model = build_model(cfg.model)
-    shardings, shapes, _ = param_shardings(model, mesh, cfg.mesh.rules)
-    params = load_params(checkpoint, shapes, shardings)
     names = data_lib.task_names(cfg)
-    eval_fn = jax.jit(with_mesh_context(make_eval_step(model, len(names)), mesh, cfg.mesh.rules),
-                      in_shardings=(shardings, None))
-    rec = eval_record(eval_sums(eval_fn, params, cfg, mesh, batches), names, step)
+    setup = setup_training(cfg, names)  # the eval step training runs, on the same batch contract
+    params = load_params(checkpoint, setup.params_info["params"], setup.shardings["params"])
+    rec = eval_record(eval_sums(setup.eval_fn, params, cfg, setup.mesh, batches), names, step)
     tasks = [{"name": n, "loss": rec.get(f"eval/loss/{n}"), "accuracy": rec.get(f"eval/accuracy/{n}"),
               "targets": rec.get(f"eval/targets/{n}", 0)} for n in names]
     return {"checkpoint": str(checkpoint), "step": step, "config": str(config), "split": "validation",

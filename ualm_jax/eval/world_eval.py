@@ -1,4 +1,4 @@
-"""The demo's task metrics on the procedural world's validation split (data_pipelines/world.py),
+"""The demo's task metrics on the procedural world's validation split (data_pipelines/demo_world/world.py),
 scored with the world's own analyser, so no downloaded model is needed.
 
     results = evaluate_world(load("runs/demo"), "runs/demo/data/world", "runs/demo/world_eval")
@@ -9,7 +9,8 @@ guidance scale for t2a):
   caption   exact: the generated caption names the same events, in order, with the same stated
             attributes as the reference (analyser.parse_caption of both are equal); score: the
             graded caption_match of the true events against the generated caption.
-  audio_qa  exact answer after normalising (lower case, punctuation and extra spaces dropped).
+  audio_qa  exact answer after metrics.normalise_answer (lower case; punctuation other than
+            `, + - =` and extra spaces dropped).
   text      the same on the held-out text problems (no audio).
   t2a       per guidance scale: match = share of generated clips whose analysed events strictly
             match their caption (caption_match strict: same count; type and every attribute the
@@ -20,17 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 
+from ualm_jax.eval.metrics import normalise_answer
+
 TEXT_MAX_NEW = 40  # positions for a text reply: the longest world answer takes ~22 tokens
-
-
-def normalise(text: str) -> str:
-    """'The Noise burst.' -> 'the noise burst' (answers compare after this)."""
-    text = re.sub(r"[^\w\s,+\-=]", " ", text.lower()).replace(",", " , ")
-    return " ".join(text.split()).replace(" ,", ",")
 
 
 def _mean(xs) -> float:
@@ -52,7 +48,7 @@ def _validation(world: dict, max_items: int) -> tuple:
 
 
 def _score_captions(clips, out) -> dict:
-    from data_pipelines.analyser import caption_match, parse_caption
+    from data_pipelines.demo_world.analyser import caption_match, parse_caption
 
     exact = [parse_caption(g) == parse_caption(c["caption"]) for g, c in zip(out, clips)]
     score = [float(caption_match(c["events"], g)) for g, c in zip(out, clips)]
@@ -62,7 +58,7 @@ def _score_captions(clips, out) -> dict:
 
 
 def _score_answers(questions, references, out) -> dict:
-    exact = [normalise(g) == normalise(r) for g, r in zip(out, references)]
+    exact = [normalise_answer(g) == normalise_answer(r) for g, r in zip(out, references)]
     return {"n": len(questions), "exact": _mean(exact),
             "examples": [{"question": q, "reference": r, "generated": g}
                          for q, r, g in zip(questions, references, out)]}
@@ -72,7 +68,7 @@ def _text_tasks(m, world_dir, clips, qa, problems, gen_cfg) -> dict:
     """Captioning, audio QA and text problems in ONE batched generation: all three are a text
     reply to one user turn (tasks.answer renders captioning exactly as tasks.caption does), and
     each generate call compiles afresh."""
-    from data_pipelines.template import AUDIO_TO_CAPTION_PROMPT
+    from ualm_jax.format.template import AUDIO_TO_CAPTION_PROMPT
     from ualm_jax.infer.tasks import answer
 
     texts = [AUDIO_TO_CAPTION_PROMPT] * len(clips) + [q["question"] for _, q in qa] + \
@@ -89,7 +85,7 @@ def _text_tasks(m, world_dir, clips, qa, problems, gen_cfg) -> dict:
 def _t2a(m, clips, out_dir, scale, frames, gen_cfg) -> dict:
     import soundfile as sf
 
-    from data_pipelines.analyser import score_caption
+    from data_pipelines.demo_world.analyser import score_caption
     from ualm_jax.infer.tasks import text_to_audio
 
     folder = os.path.join(out_dir, f"t2a_cfg{scale:g}")
@@ -129,7 +125,7 @@ def evaluate_world(m, world_dir: str, out_dir: str, max_items: int = 32,
     -> {"caption": {n, exact, score, examples}, "audio_qa": {n, exact, examples}, "text": {...},
         "t2a": [{cfg_scale, n, match, judge, dir, samples}],
         "samples": [(title, wav path)]: each clip at every scale, clip by clip}"""
-    from data_pipelines.world import load_world
+    from data_pipelines.demo_world.world import load_world
     from ualm_jax.config import ConfigError
     from ualm_jax.infer.decode import GenerationConfig
 

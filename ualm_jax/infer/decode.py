@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ualm_jax.infer import sampling as S
-from ualm_jax.model import vocab as V
-from ualm_jax.model.delay import revert_delay
+from ualm_jax.format import vocab as V
+from ualm_jax.format.delay import revert_delay
 from ualm_jax.model.params import example_batch
 from ualm_jax.model.ualm import UALM
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab, vocab_of
 
 
 PREFILL_BUCKET = 32
@@ -44,7 +44,9 @@ class GenerationConfig:
 
 
 @dataclass
-class Segment:
+class DecodedSegment:
+    """One generated segment of a reply (not format.template.Segment, the prompt/record one)."""
+
     modality: str  # text | audio | speech
     ids: list = field(default_factory=list)  # stream-0 ids (text) or [K] rows (audio, delayed)
 
@@ -60,7 +62,7 @@ class RowState:
 class Generator:
     def __init__(self, model_cfg, params, batch_size: int, max_len: int):
         self.cfg = model_cfg
-        self.vocab = JointVocab.from_model_config(model_cfg)
+        self.vocab = vocab_of(model_cfg)
         self.k = max(model_cfg.num_codebooks, 1)
         self.model = UALM(model_cfg, decode=True)
         self.params = params
@@ -116,7 +118,7 @@ def _advance(state: RowState, row: np.ndarray, vocab: JointVocab, k: int) -> Non
     x0 = int(row[0])
     if state.phase == "modality":
         name = {V.TEXT: "text", V.AUDIO: "audio", V.SPEECH: "speech"}[x0]
-        state.segments.append(Segment(name))
+        state.segments.append(DecodedSegment(name))
         state.phase, state.t, state.end = ("text" if name == "text" else "audio"), 0, None
     elif state.phase == "text":
         if x0 in (V.EOS, V.EOT):
@@ -139,7 +141,7 @@ def _advance(state: RowState, row: np.ndarray, vocab: JointVocab, k: int) -> Non
 def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
              start_phase: str = "modality", uncond_prompts: list[np.ndarray] | None = None,
              audio_features=None, audio_slots=None,
-             audio_mel_mask=None) -> list[list[Segment]]:
+             audio_mel_mask=None) -> list[list[DecodedSegment]]:
     """prompts: per row [L_i, K] joint ids ending right before what the model writes (after
     `<assistant>` for start_phase='modality', after `<assistant><audio>` for 'audio').
     uncond_prompts (same lengths) switch on guidance with cfg.cfg_scale. audio_mel_mask
@@ -184,7 +186,7 @@ def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
     states = [RowState(phase=start_phase) for _ in range(n)]
     if start_phase in ("audio", "text"):  # the prompt already holds the modality header
         for s in states:
-            s.segments.append(Segment(start_phase))
+            s.segments.append(DecodedSegment(start_phase))
     key = jax.random.key(cfg.seed)
     sample_fn = _sampler(vocab, cfg.top_k, guided, cfg.cfg_scale)
     for _ in range(cfg.max_new):
@@ -215,7 +217,7 @@ def _sampler(vocab, top_k, guided, scale):
     return fn
 
 
-def audio_codes(segment: Segment, vocab: JointVocab) -> np.ndarray:
+def audio_codes(segment: DecodedSegment, vocab: JointVocab) -> np.ndarray:
     """Delayed joint-id rows of an audio segment -> codec codes [T, K] (pads dropped)."""
     rows = np.asarray(segment.ids, np.int64).reshape(-1, vocab.num_codebooks)
     if len(rows) < vocab.num_codebooks:

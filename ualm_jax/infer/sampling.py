@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ualm_jax.model import vocab as V
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format import vocab as V
+from ualm_jax.format.vocab import JointVocab
 
 FREE, TEXT, MODALITY, CODES, FORCED, CLOSER = range(6)
 

@@ -1,7 +1,7 @@
 """Task-level generation from a checkpoint: text -> audio (with guidance), audio -> caption, and
 text answers to questions with or without a clip.
 
-Prompts are built with the same template as training (data_pipelines.template), so the model
+Prompts are built with the same template as training (ualm_jax.format.template), so the model
 sees at inference exactly the layout it was trained on; the unconditional prompt for guidance is
 the conditional one with every id before the target `<assistant>` replaced by pad 0, as the
 template's CFG dropout does in training (`uncond="reference"`: the `<assistant>` is pad too and
@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ualm_jax.checkpoint import load_params, resolve
+from ualm_jax.cli_args import add_overrides
 from ualm_jax.config import ConfigError, load_config
 from ualm_jax.infer.decode import GenerationConfig, Generator, audio_codes, generate
-from ualm_jax.model import vocab as V
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format import vocab as V
+from ualm_jax.format.layout import AudioLayout, encoder_positions
+from ualm_jax.format.vocab import JointVocab, vocab_of
 
 
 @dataclass
@@ -47,10 +49,29 @@ def generator_for(m: Loaded, rows: int, max_len: int) -> Generator:
     return m.generators[key]
 
 
-def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
+def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None = None,
+         overrides=()) -> Loaded:
+    """A checkpoint's parameters under its run config plus dotted `overrides` (e.g.
+    model.attention=xla); shape-defining model keys may not change."""
     config_path, ckpts, step = resolve(checkpoint)  # checks the step's checksums first
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, list(overrides))
+    if overrides:
+        _refuse_shape_changes(load_config(config_path), cfg, overrides)
     return from_params(cfg, load_params(ckpts / str(step), verify=False), tokenizer, codec)
+
+
+def _refuse_shape_changes(saved, cfg, overrides) -> None:
+    from ualm_jax.config import shape_keys
+
+    def get(c, dotted):
+        for k in dotted.split("."):
+            c = getattr(c, k)
+        return c
+
+    changed = [k for k in shape_keys() if get(saved.model, k) != get(cfg.model, k)]
+    if changed:
+        raise ConfigError(f"overrides {' '.join(overrides)} change model.{changed[0]}, which "
+                          "defines the checkpoint's parameter shapes")
 
 
 def add_generation_args(p, sampling: bool = True) -> None:
@@ -62,13 +83,15 @@ def add_generation_args(p, sampling: bool = True) -> None:
                    "<assistant><audio> kept (what CFG dropout trains); reference = the authors' "
                    "code: pad through <assistant>, only <audio> kept")
     if sampling:
-        p.add_argument("--top-k", type=int, default=20)
+        p.add_argument("--top-k", type=int, default=20, help="audio sampling: the k most likely codes")
         p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
     p.add_argument("--max-new", type=int, default=256, help="decode positions per output")
-    p.add_argument("--max-audio-frames", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-audio-frames", type=int, default=500,
+                   help="stop an audio output after this many codec frames")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (outputs repeat with it)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
     p.add_argument("--codec", help="codec dir (default: data.codec of the run)")
+    add_overrides(p)
 
 
 def from_params(cfg, params, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
@@ -85,7 +108,7 @@ def from_params(cfg, params, tokenizer: str | None = None, codec: str | None = N
         from data_pipelines.codecs import load_codec
 
         codec_obj = load_codec(codec_dir)
-    return Loaded(cfg, params, JointVocab.from_model_config(cfg.model), tok, codec_obj)
+    return Loaded(cfg, params, vocab_of(cfg.model), tok, codec_obj)
 
 
 def set_params(m: Loaded, params) -> None:
@@ -97,7 +120,7 @@ def set_params(m: Loaded, params) -> None:
 
 def _render(segments, m: Loaded):
     """The training template, with the run's data.text_id0_as_pad."""
-    from data_pipelines.template import render
+    from ualm_jax.format.template import render
 
     return render(segments, m.vocab,
                   text_id0_as_pad=bool(getattr(m.cfg.data, "text_id0_as_pad", False)))
@@ -112,7 +135,7 @@ def _header(k: int, *ids) -> np.ndarray:
 def text_to_audio_prompts(m: Loaded, captions: list[str], uncond: str = "ours"):
     """-> (conditional, unconditional) prompts [L, K] of equal lengths, ending in `<audio>`.
     uncond: ours = pad before `<assistant>`; reference = pad through `<assistant>`."""
-    from data_pipelines.template import TEXT_TO_AUDIO_PROMPT, Segment
+    from ualm_jax.format.template import TEXT_TO_AUDIO_PROMPT, Segment
 
     if uncond not in UNCOND:
         raise ValueError(f"uncond={uncond!r} is not one of {', '.join(UNCOND)}")
@@ -155,16 +178,7 @@ def audio_windows(m: Loaded, wave: np.ndarray) -> list[np.ndarray]:
 
 
 def _window_frames(m: Loaded, n_mel: int) -> int:
-    """Encoder positions of one window of n_mel frames (stride-2 conv, then average pool)."""
-    return ((int(n_mel) + 1) // 2) // m.cfg.model.audio_encoder.pool
-
-
-def caption_features(m: Loaded, waves: list[np.ndarray]):
-    """Encoder input of each clip: features [B, F, T_mel, n_mels] (F = most windows of a clip,
-    zero padded), its mel mask [B, F, T_mel] and the total encoder frames per clip."""
-    windows = [audio_windows(m, w) for w in waves]
-    feats, mask = _pack_windows(m, windows)
-    return feats, mask, [sum(_window_frames(m, len(x)) for x in ws) for ws in windows]
+    return encoder_positions(n_mel, m.cfg.model.audio_encoder.pool)
 
 
 def _pack_windows(m: Loaded, windows: list[list[np.ndarray]]):
@@ -192,7 +206,7 @@ def reply_inputs(m: Loaded, texts: list[str], waves: list):
     of audio-QA, text-SFT and captioning rows). -> (prompts [L_i, K], audio_slots [B, L_max] or
     None, audio_features [B, F, T_mel, n_mels] or None, audio_mel_mask [B, F, T_mel] or None);
     slot c * frames_per_window + j is frame j of window c, as the trainer's packer numbers them."""
-    from data_pipelines.template import Segment
+    from ualm_jax.format.template import Segment
 
     if len(texts) != len(waves):
         raise ValueError(f"{len(texts)} texts but {len(waves)} waves")
@@ -200,6 +214,7 @@ def reply_inputs(m: Loaded, texts: list[str], waves: list):
     if any(w is not None for w in waves) and not enc.enabled:
         raise ConfigError("this model has no audio encoder (model.audio_encoder.enabled=false)")
     k = max(m.cfg.model.num_codebooks, 1)
+    layout = AudioLayout.of_model(m.cfg.model, 1)
     prompts, slots, windows = [], [], []
     for text, wave in zip(texts, waves):
         segs = [Segment("user", "text", m.tokenizer.encode(text.strip()))] if text.strip() else []
@@ -214,7 +229,7 @@ def reply_inputs(m: Loaded, texts: list[str], waves: list):
         for start, _ in ex.audio_input_frames:
             for c, x in enumerate(ws):
                 nf = _window_frames(m, len(x))
-                s[start:start + nf] = c * enc.frames_per_window + np.arange(nf)
+                s[start:start + nf] = layout.slot(c, np.arange(nf))
                 start += nf
         prompts.append(p)
         slots.append(s)
@@ -243,7 +258,7 @@ def _reply(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig) 
 
 
 def caption(m: Loaded, waves: list[np.ndarray], gen_cfg: GenerationConfig) -> list[str]:
-    from data_pipelines.template import AUDIO_TO_CAPTION_PROMPT
+    from ualm_jax.format.template import AUDIO_TO_CAPTION_PROMPT
 
     if not m.cfg.model.audio_encoder.enabled:
         raise ConfigError("this model has no audio encoder (model.audio_encoder.enabled=false)")

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab
 
 
 class LossSums(NamedTuple):

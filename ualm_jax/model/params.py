@@ -3,28 +3,26 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ualm_jax.config import ModelConfig
+from ualm_jax.format.batch import model_batch_spec, zeros
+from ualm_jax.model.paths import path_name
 from ualm_jax.model.ualm import UALM
-from ualm_jax.model.vocab import JointVocab
 from ualm_jax.sharding import tree_shardings
 
 
 def example_batch(cfg: ModelConfig, batch: int = 1, seq: int = 8) -> dict:
-    """Smallest batch of the contract that touches every parameter (used for init/shapes)."""
-    k = max(cfg.num_codebooks, 1)
-    out = {
-        "tokens": np.zeros((batch, seq, k), np.int32),
-        "loss_weights": np.zeros((batch, seq, k), np.float32),
-        "segment_ids": np.ones((batch, seq), np.int32),
-        "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-    }
-    enc = cfg.audio_encoder
-    if enc.enabled:
-        out["audio_features"] = np.zeros((batch, 1, 2 * enc.pool, enc.n_mels), np.float32)
-        out["audio_slots"] = np.full((batch, seq), -1, np.int32)
+    """Smallest batch of the contract (format/batch.py) that touches every parameter: one clip
+    of the shortest window the encoder takes (used for init/shapes)."""
+    spec = model_batch_spec(cfg, batch, seq, clips=1, mel_frames=2 * cfg.audio_encoder.pool,
+                            task_ids=False)
+    out = zeros(spec)
+    out["segment_ids"][:] = 1
+    out["positions"][:] = np.arange(seq, dtype=np.int32)
+    if "audio_slots" in out:
+        out["audio_slots"][:] = -1
+        out["audio_mel_mask"][:] = True
     return out
 
 
@@ -67,7 +65,7 @@ def param_table(shapes, logical, shardings=None) -> list[dict]:
     flat_m = (jax.tree.leaves(shardings) if shardings is not None else [None] * len(flat_s))
     for (path, x), lg, sh in zip(flat_s, flat_l, flat_m):
         rows.append({
-            "name": "/".join(str(getattr(p, "key", p)) for p in path),
+            "name": path_name(path),
             "shape": list(x.shape),
             "dtype": str(x.dtype),
             "logical": [a for a in lg],
@@ -75,7 +73,3 @@ def param_table(shapes, logical, shardings=None) -> list[dict]:
             "count": int(np.prod(x.shape)),
         })
     return rows
-
-
-def vocab_of(cfg: ModelConfig) -> JointVocab:
-    return JointVocab.from_model_config(cfg)

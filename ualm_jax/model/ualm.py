@@ -18,7 +18,7 @@ from ualm_jax.config import ModelConfig
 from ualm_jax.model.audio_encoder import AudioEncoder
 from ualm_jax.model.layers import constrain_act, dense, dtype_of, param_with_axes
 from ualm_jax.model.qwen2 import Decoder
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.format.vocab import JointVocab, vocab_of
 
 
 class Adapter(nn.Module):
@@ -47,7 +47,7 @@ class UALM(nn.Module):
 
     @property
     def vocab(self) -> JointVocab:
-        return JointVocab.from_model_config(self.cfg)
+        return vocab_of(self.cfg)
 
     def setup(self):
         c = self.cfg

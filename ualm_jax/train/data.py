@@ -9,6 +9,7 @@ import threading
 import jax
 import numpy as np
 
+from ualm_jax.format.batch import BatchIterator, check_batch
 from ualm_jax.sharding import batch_sharding
 from ualm_jax.train.synthetic import TASKS, stream_for_model
 
@@ -33,7 +34,7 @@ def _preference_iterator(cfg, split):
     from data_pipelines.build import open_source
     from data_pipelines.preference_batches import PreferenceBatches
     from data_pipelines.staging import local_build_dir
-    from ualm_jax.model.vocab import JointVocab
+    from ualm_jax.format.vocab import JointVocab
 
     if cfg.train.batch_size % 2:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be even for DPO "
@@ -61,8 +62,9 @@ def make_eval_iterator(cfg):
 
 
 def _template_args(cfg) -> dict:
-    """The loss weights the config asks of the synthetic stream (it has no reasoning rows)."""
-    return {"supervise_headers": cfg.data.supervise_headers == "assistant",
+    """The loss weights and clip slots the config asks of the synthetic stream (it has no
+    reasoning rows)."""
+    return {"max_clips": cfg.data.max_clips_per_row, "supervise_headers": cfg.data.supervise_headers == "assistant",
             "text_id0_as_pad": cfg.data.text_id0_as_pad,
             "stream_weights": cfg.model.audio_stream_weights()}
 
@@ -104,11 +106,16 @@ def to_global_arrays(host_batch: dict, mesh, rules) -> dict:
 
 class Prefetcher:
     """Runs the iterator in a thread, `depth` batches ahead. Each item is
-    (device batch, data state after this batch, task mix) so a checkpoint at step n records
+    (device batch, data state after this batch, task mix, model FLOPs of the step) so a checkpoint at step n records
     exactly the iterator position after batch n, whatever was prefetched beyond it."""
 
-    def __init__(self, iterator, mesh, rules, names, depth: int = 2):
+    def __init__(self, iterator: BatchIterator, mesh, rules, names, host_spec: dict | None = None,
+                 flops=None, depth: int = 2):
+        """host_spec: the contract of this process's rows (format/batch.py), checked on the first
+        batch so a producer that breaks it fails naming the key; flops: host batch -> dict with
+        the step's model FLOPs on these rows ("total"; model/flops.py)."""
         self.iterator, self.mesh, self.rules, self.names = iterator, mesh, rules, names
+        self.host_spec, self.flops = host_spec, flops
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error = None
         self._stop = threading.Event()
@@ -117,12 +124,17 @@ class Prefetcher:
 
     def _run(self):
         try:
+            first = True
             while not self._stop.is_set():
                 batch = next(self.iterator)
                 state = self.iterator.get_state()
                 mix = task_mix(batch, self.names)
-                local = process_rows(batch, getattr(self.iterator, "per_host", False))
-                item = (to_global_arrays(local, self.mesh, self.rules), state, mix)
+                local = process_rows(batch, self.iterator.per_host)
+                if first and self.host_spec is not None:
+                    check_batch(local, self.host_spec, f"{type(self.iterator).__name__} batch")
+                first = False
+                flops = 0.0 if self.flops is None else self.flops(local)["total"] * jax.process_count()
+                item = (to_global_arrays(local, self.mesh, self.rules), state, mix, flops)
                 while not self._stop.is_set():
                     try:
                         self.queue.put(item, timeout=0.1)
@@ -172,7 +184,3 @@ def local_data_state(saved: dict) -> dict:
     return saved["processes"][jax.process_index()]
 
 
-def batch_shardings_for(cfg, mesh, example: dict) -> dict:
-    return {k: batch_sharding(mesh, cfg.mesh.rules, np.ndim(v),
-                              (np.shape(v)[0] * jax.process_count(),) + np.shape(v)[1:])
-            for k, v in example.items()}

@@ -19,12 +19,12 @@ import fnmatch
 import jax
 import numpy as np
 
-from ualm_jax.model.vocab import JointVocab
-from ualm_jax.train.optim import param_names
+from ualm_jax.format.vocab import vocab_of
+from ualm_jax.model.paths import named_leaves, param_names
 
 
 def trainable_spec(params, model_cfg, train_cfg):
-    vocab = JointVocab.from_model_config(model_cfg)
+    vocab = vocab_of(model_cfg)
     names = param_names(params)
 
     def rows_mask(shape):
@@ -67,9 +67,13 @@ def whole_tensor_trainable(spec):
 
 def row_masks(spec) -> dict:
     """{parameter name: [rows,1] mask} for the partially trained tables."""
-    flat = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec)[0]
-    return {"/".join(str(getattr(p, "key", p)) for p in path): s
-            for path, s in flat if isinstance(s, np.ndarray)}
+    return {name: s for name, s in named_leaves(spec, is_leaf=_is_spec) if isinstance(s, np.ndarray)}
+
+
+def adapter_trained(spec) -> bool:
+    """Whether any adapter parameter is trained (its backward pass counts in the model FLOPs)."""
+    sub = spec.get("adaptor") if isinstance(spec, dict) else None
+    return sub is not None and any(s is not False for s in jax.tree.leaves(sub, is_leaf=_is_spec))
 
 
 def count_trainable(spec, params) -> int:

@@ -19,8 +19,8 @@ def peak_flops_per_device(device=None) -> float | None:
     return None
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int,
-        peak: float | None) -> float | None:
+def mfu(model_flops_per_s: float, n_devices: int, peak: float | None) -> float | None:
+    """Model FLOP/s (model/flops.py) over the devices' peak; None when the peak is unknown."""
     if not peak:
         return None
-    return tokens_per_s * flops_per_token / (peak * n_devices)
+    return model_flops_per_s / (peak * n_devices)

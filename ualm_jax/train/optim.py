@@ -20,12 +20,6 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
         decay_steps=warmup + decay, end_value=cfg.learning_rate * cfg.end_learning_rate_ratio)
 
 
-def param_names(params) -> dict:
-    """Tree of 'a/b/c' names, same structure as params."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(str(getattr(p, "key", p)) for p in path), params)
-
-
 def decay_mask(params):
     """Weight decay on matrices only (not norms, biases, or stream embeddings)."""
     return jax.tree.map(lambda x: x.ndim >= 2, params)

@@ -7,8 +7,8 @@ import numpy as np
 import yaml
 
 from ualm_jax import storage
-from ualm_jax.config import ConfigError
-from ualm_jax.model.flops import FORMULA, flops_per_token
+from ualm_jax.config import ConfigError, shape_keys
+from ualm_jax.model.flops import FORMULA, decoder_flops_per_token, encoder_window_flops
 
 
 def prepare(run_dir, timeout: float = 60.0):
@@ -38,13 +38,11 @@ def check_same_model(path, cfg) -> None:
         return
     old = (yaml.safe_load(old_file.read_text()) or {}).get("model", {})
     new = cfg.to_dict()["model"]
-    shape_keys = ("text_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                  "d_ff", "num_codebooks", "codebook_size", "num_special", "vocab_pad_multiple",
-                  "tie_embeddings", "adapter", "scan_layers", "param_dtype")
-    diff = [k for k in shape_keys if k in old and old[k] != new[k]]
-    if old.get("audio_encoder") != new["audio_encoder"]:
-        old_enc, new_enc = old.get("audio_encoder") or {}, new["audio_encoder"]
-        diff += [f"audio_encoder.{k}" for k in new_enc if k != "frozen" and old_enc.get(k) != new_enc[k]]
+    # The schema's shape fields (config.shape_keys). A top-level key the old config lacks is
+    # taken as unchanged (written before the key existed); a nested one (audio_encoder.*) as changed.
+    keys = shape_keys()
+    diff = [k for k in keys if "." not in k and k in old and old[k] != new[k]]
+    diff += [k for k in keys if "." in k and _get(old, k) != _get(new, k)]
     if diff:
         raise ConfigError(f"run dir {path} holds checkpoints of another model: "
                           + ", ".join(f"model.{k} was {_get(old, k)!r}, now {_get(new, k)!r}" for k in diff))
@@ -67,8 +65,10 @@ def write_start_files(path, cfg, param_rows: list[dict], trainable: int) -> None
     lines.append(f"# total\t\t\t\t\t{total}")
     lines.append(f"# trainable\t\t\t\t\t{trainable}")
     (path / "params.tsv").write_text("\n".join(lines) + "\n")
+    enc, adapter = encoder_window_flops(cfg.model) if cfg.model.audio_encoder.enabled else (0, 0)
     flops = {"formula": FORMULA, "seq_len": cfg.train.seq_len,
-             "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
+             "decoder_flops_per_token": decoder_flops_per_token(cfg.model),
+             "encoder_forward_flops_per_window": enc, "adapter_forward_flops_per_window": adapter,
              "params_total": total, "params_trainable": trainable}
     (path / "flops.json").write_text(json.dumps(flops, indent=2) + "\n")
 

@@ -8,10 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ualm_jax.model.params import _init_fn, param_shardings
-
-
-def _path_key(path) -> tuple:
-    return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+from ualm_jax.model.paths import path_tuple as _path_key
 
 
 def match_param_shardings(tree_shapes, params_shapes, params_shardings, mesh):

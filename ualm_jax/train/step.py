@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from ualm_jax.model.loss import LossSums, loss_sums
+from ualm_jax.model.paths import path_name
 from ualm_jax.model.ualm import UALM
 from ualm_jax.sharding import activation_sharding
 
@@ -57,7 +58,7 @@ def _apply_row_masks(tree, masks: dict | None):
         return tree
 
     def one(path, x):
-        m = masks.get("/".join(str(getattr(p, "key", p)) for p in path))
+        m = masks.get(path_name(path))
         return x if m is None else x * jnp.asarray(m, x.dtype)
 
     return jax.tree_util.tree_map_with_path(one, tree)

@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from ualm_jax.model import vocab as V
-from ualm_jax.model.delay import apply_delay
-from ualm_jax.model.vocab import JointVocab
+from ualm_jax.config import SYNTHETIC_TASKS
+from ualm_jax.format import vocab as V
+from ualm_jax.format.delay import apply_delay
+from ualm_jax.format.layout import AudioLayout
+from ualm_jax.format.vocab import JointVocab, vocab_of
 
-TASKS = ("text", "caption", "t2a")
+TASKS = SYNTHETIC_TASKS
 
 
 class SyntheticStream:
+    per_host = False  # global batches: the trainer slices this process's rows
+
     def __init__(self, vocab: JointVocab, batch: int, seq: int, seed: int = 0,
-                 n_mels: int = 0, mel_frames: int = 0, frames_per_clip: int = 0,
+                 layout: AudioLayout = AudioLayout(), clip_mel: int = 0,
                  tasks=TASKS, weights=None, text_only: bool = False,
                  supervise_headers: bool = False, stream_weights=None,
                  text_id0_as_pad: bool = False):
-        """supervise_headers: weight 1 on the assistant `<assistant><modality>` header (the
+        """layout: the audio encoder's clip slots (ualm_jax/format/layout.py; disabled = no
+        captioning rows); clip_mel: valid mel frames of each synthetic clip (<= layout.mel_frames);
+        supervise_headers: weight 1 on the assistant `<assistant><modality>` header (the
         reference's template); stream_weights: K weights of assistant audio (None = 1/K);
         text_id0_as_pad: text id 0 becomes pad 0 with no loss (the reference's preprocessing)."""
         self.vocab, self.batch, self.seq, self.seed = vocab, batch, seq, seed
@@ -32,11 +38,12 @@ class SyntheticStream:
         self.id0_pad = bool(text_id0_as_pad)
         self.audio_w = (np.full(self.k, 1.0 / self.k, np.float32) if stream_weights is None
                         else np.asarray(stream_weights, np.float32))
-        self.n_mels, self.mel_frames, self.frames_per_clip = n_mels, mel_frames, frames_per_clip
+        self.layout, self.clip_mel = layout, int(clip_mel)
+        self.frames_per_clip = layout.window_frames(clip_mel) if layout.enabled and clip_mel else 0
         self.text_only = text_only or vocab.num_codebooks == 0
         given = dict(zip(tasks, np.ones(len(tasks)) if weights is None else weights))
         keep = ("text",) if self.text_only else tuple(tasks)
-        if not frames_per_clip:  # no audio encoder: no captioning rows
+        if not self.frames_per_clip:  # no audio encoder: no captioning rows
             keep = tuple(t for t in keep if t != "caption")
         self.tasks = keep
         w = np.asarray([given.get(t, 1.0) for t in keep], float)
@@ -112,8 +119,10 @@ class SyntheticStream:
         task_ids = np.full((b, l), -1, np.int32)
         has_audio = "caption" in self.tasks
         if has_audio:
-            clips = max(1, l // 8)
-            feats = np.zeros((b, clips, self.mel_frames, self.n_mels), np.float32)
+            lay = self.layout
+            clips = lay.max_clips
+            feats = np.zeros((b, clips, lay.mel_frames, lay.n_mels), np.float32)
+            mel_mask = np.zeros((b, clips, lay.mel_frames), bool)
             slots = np.full((b, l), -1, np.int32)
         for r in range(b):
             cur, s, clip = 0, 0, 0
@@ -138,28 +147,29 @@ class SyntheticStream:
                 weights[r, cur + text_pos, 0] = wa[text_pos]
                 if ex_slots:
                     fpc = self.frames_per_clip
-                    slots[r, cur + np.asarray(ex_slots)] = clip * fpc + np.arange(fpc)
+                    slots[r, cur + np.asarray(ex_slots)] = lay.slot(clip, np.arange(fpc))
                     # The "audio": a mel pattern that encodes the words to caption.
-                    frames = np.zeros((self.mel_frames, self.n_mels), np.float32)
+                    frames = np.zeros((self.clip_mel, lay.n_mels), np.float32)
                     for j, wd in enumerate(words):
-                        frames[:, (wd + j) % self.n_mels] += 1.0 + j
-                    feats[r, clip] = frames
+                        frames[:, (wd + j) % lay.n_mels] += 1.0 + j
+                    feats[r, clip, :self.clip_mel] = frames
+                    mel_mask[r, clip, :self.clip_mel] = True
                     clip += 1
                 cur += len(toks)
         out = {"tokens": tokens, "loss_weights": weights, "segment_ids": seg, "positions": pos,
                "task_ids": task_ids}
         if has_audio:
-            out["audio_features"] = feats
-            out["audio_slots"] = slots
+            out.update(audio_features=feats, audio_mel_mask=mel_mask, audio_slots=slots)
         return out
 
 
 def stream_for_model(cfg, batch: int, seq: int, seed: int = 0, text_only: bool = False,
-                     **kw) -> SyntheticStream:
-    vb = JointVocab.from_model_config(cfg)
-    enc = cfg.audio_encoder
-    if enc.enabled and not text_only:
-        mel = min(enc.max_mel_frames, 4 * enc.pool * 4)
-        return SyntheticStream(vb, batch, seq, seed, n_mels=enc.n_mels, mel_frames=mel,
-                               frames_per_clip=mel // 2 // enc.pool, text_only=text_only, **kw)
-    return SyntheticStream(vb, batch, seq, seed, text_only=text_only, **kw)
+                     max_clips: int = 4, **kw) -> SyntheticStream:
+    """The synthetic stream for a model config: batches of the batch contract with `max_clips`
+    clip slots (data.max_clips_per_row) of full encoder windows, each clip's audio a short
+    pattern (16 x pool mel frames) at the start of its window."""
+    vb = vocab_of(cfg)
+    layout = AudioLayout() if text_only else AudioLayout.of_model(cfg, max_clips)
+    clip_mel = min(layout.mel_frames, 16 * layout.pool) if layout.enabled else 0
+    return SyntheticStream(vb, batch, seq, seed, layout=layout, clip_mel=clip_mel,
+                           text_only=text_only, **kw)

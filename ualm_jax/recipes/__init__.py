@@ -1,0 +1,1 @@
+"""Recipes composed from inference and evaluation (DPO pair mining)."""
