@@ -65,6 +65,7 @@ import numpy as np
 FORMATS = ("array_record", "tfrecord")
 REPORT_FILE = "build_report.json"
 STATS_FILE = "stats.json"
+TOKENIZER_FILE = "tokenizer.json"  # the build's copy of its tokenizer
 INCOMPLETE_FILE = "_INCOMPLETE"  # in a build's temporary folder until it is complete
 
 
@@ -247,9 +248,10 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     if scan.lines == 0:
         raise BuildError(f"manifest is empty: {manifest} (no lines, nothing to build)")
     settings = dict(file_format=file_format, eval_fraction=eval_fraction,
-                    beam_options=beam_options, beam_runner=beam_runner)
+                    beam_options=beam_options, beam_runner=beam_runner,
+                    origin=_origin(tokenizer, codec))
     if "://" in out_dir:  # no folder renames on object stores: replace in place
-        for stale in (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR):
+        for stale in (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR, TOKENIZER_FILE):
             _remove(_join(out_dir, stale))
         return _write_build(kind, cls, converter, manifest, scan, out_dir, **settings)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
@@ -258,7 +260,7 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     tmp = _begin(target)
     try:
         report = _write_build(kind, cls, converter, manifest, scan, tmp, **settings)
-        _commit(tmp, target, (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR))
+        _commit(tmp, target, (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR, TOKENIZER_FILE))
     except BaseException:
         replaced = os.path.join(tmp, ".replaced")
         if not (os.path.isdir(replaced) and os.listdir(replaced)):  # else it holds the old build
@@ -267,13 +269,30 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     return report
 
 
+def _origin(tokenizer, codec) -> dict:
+    """Where the build's tokenizer and codec came from: paths as given, a TextTokenizer's file, a
+    codec object's `source` folder; None when unknown."""
+    tok = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "path", None)
+    if tok is not None:
+        tok = os.fspath(tok)
+        tok = os.path.join(tok, TOKENIZER_FILE) if os.path.isdir(tok) else tok
+    # A codec object may say where it was saved (`source`: a folder load_codec reads).
+    spec = codec if isinstance(codec, (str, os.PathLike)) else getattr(codec, "source", None)
+    spec = None if spec is None else os.fspath(spec)
+    if spec and "://" not in spec:  # "spectral:DIR" keeps its prefix
+        head, sep, tail = spec.rpartition(":")
+        spec = (head + sep + os.path.abspath(tail)) if sep and not os.path.exists(spec) \
+            else os.path.abspath(spec)
+    return {"tokenizer": tok, "codec": spec}
+
+
 def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *, file_format: str,
-                 eval_fraction: float, beam_options, beam_runner) -> dict:
+                 eval_fraction: float, beam_options, beam_runner, origin: dict) -> dict:
     """Write the dataset, stats and report of one build into out_dir (the report last)."""
     import tensorflow_datasets as tfds
 
-    from data_pipelines.builders.common import (LOG_DIR, BuildPlan, chunk_outcomes, read_beam_logs,
-                                                summarize, write_json)
+    from data_pipelines.builders.common import (LOG_DIR, BuildPlan, _open, chunk_outcomes,
+                                                read_beam_logs, summarize, write_json)
 
     use_beam = beam_options is not None or beam_runner is not None
     log_dir = _join(out_dir, LOG_DIR)
@@ -297,7 +316,14 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
                                                   eval_fraction, True, scan.limits)]
 
     report, stats = summarize(kind, entries, scan.lines, built)
-    report.update({"task": converter.task, "manifest": manifest, "file_format": file_format,
+    # The build carries its tokenizer (a copy: small) and names its codec (an absolute path:
+    # codecs are large), so a run trained on it can generate with no --tokenizer / --codec.
+    tokenizer_copy = None
+    if origin["tokenizer"] and "://" not in origin["tokenizer"]:
+        with open(origin["tokenizer"], "rb") as f, _open(_join(out_dir, TOKENIZER_FILE), "wb") as g:
+            g.write(f.read())
+        tokenizer_copy = TOKENIZER_FILE
+    report.update({"tokenizer": tokenizer_copy, "codec": origin["codec"], "task": converter.task, "manifest": manifest, "file_format": file_format,
                    "dataset_dir": dataset_dir, "settings": converter.metadata(),
                    "eval_fraction": eval_fraction,
                    "limits": {"max_line_bytes": scan.limits.max_line_bytes,
@@ -323,6 +349,61 @@ def _dataset_dir(out_dir: str) -> str:
     if rel is None:
         raise ValueError(f"the build in {out_dir} wrote no records (see {REPORT_FILE})")
     return _join(os.fspath(out_dir), rel)
+
+
+def build_artefacts(out_dir: str) -> dict:
+    """{"tokenizer": path of the build's tokenizer copy or None, "codec": the codec it was built
+    with or None} of a build folder."""
+    import json
+
+    from data_pipelines.builders.common import _open
+
+    path = _join(os.fspath(out_dir), REPORT_FILE)
+    if not _exists(path):
+        return {"tokenizer": None, "codec": None}
+    with _open(path, "r") as f:
+        report = json.load(f)
+    tok = report.get("tokenizer")
+    return {"tokenizer": _join(os.fspath(out_dir), tok) if tok else None,
+            "codec": report.get("codec")}
+
+
+def build_settings(out_dir: str) -> dict:
+    """The builder settings a build recorded (its report's `settings`: kind, task, n_mels,
+    text_vocab_size, num_codebooks, codebook_size, ...); {} for a build without them."""
+    import json
+
+    from data_pipelines.builders.common import _open
+
+    path = _join(os.fspath(out_dir), REPORT_FILE)
+    if not _exists(path):
+        return {}
+    with _open(path, "r") as f:
+        return json.load(f).get("settings") or {}
+
+
+def check_build_matches_model(out_dir: str, model_cfg, where: str) -> None:
+    """Refuses (naming both values) a build whose features the model cannot read: mel bins of
+    encoder-input audio, codec K / C of audio codes, a tokenizer larger than the text vocab."""
+    s = build_settings(out_dir)
+    if not s:
+        return
+    enc = model_cfg.audio_encoder
+    has_mel = s.get("kind") in ("audio-qa", "reason") or (
+        s.get("kind") == "captions" and s.get("task") != "t2a")
+    if has_mel and enc.enabled and s.get("n_mels") not in (None, enc.n_mels):
+        raise ValueError(f"{where} ({out_dir}) was built with --n-mels {s['n_mels']} but "
+                         f"model.audio_encoder.n_mels={enc.n_mels}: rebuild it with "
+                         f"--n-mels {enc.n_mels} or set model.audio_encoder.n_mels={s['n_mels']}")
+    k, c = int(s.get("num_codebooks") or 0), int(s.get("codebook_size") or 0)
+    if k and (k, c) != (model_cfg.num_codebooks, model_cfg.codebook_size):
+        raise ValueError(f"{where} ({out_dir}) holds codes of a codec with {k} codebooks of {c} "
+                         f"but the model has model.num_codebooks={model_cfg.num_codebooks}, "
+                         f"model.codebook_size={model_cfg.codebook_size}")
+    vocab = s.get("text_vocab_size")
+    if vocab and int(vocab) > model_cfg.text_vocab_size:
+        raise ValueError(f"{where} ({out_dir}) was tokenised with a {vocab}-entry tokenizer but "
+                         f"model.text_vocab_size={model_cfg.text_vocab_size}")
 
 
 def _decode_text(rec):

@@ -461,7 +461,8 @@ def audio_args(model_cfg) -> dict:
 
 
 def make_config_iterator(cfg, split: str = "train", process_index: Optional[int] = None,
-                         process_count: Optional[int] = None, open_source=None) -> PackedIterator:
+                         process_count: Optional[int] = None, open_source=None,
+                         check_build=None) -> PackedIterator:
     """The trainer's entry point: `cfg.data.mixture` entries opened from their built `path`s
     (data_pipelines.build.open_source unless `open_source(path, split)` is given), this host's
     share of `cfg.train.batch_size`, the model's vocab and audio-encoder window. The train split
@@ -484,8 +485,13 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
                          f"{process_count} processes (each packs its own rows)")
     audio = audio_args(cfg.model)
     stage = getattr(cfg.data, "stage_dir", "")
-    sources = {e.name: open_source(local_build_dir(e.path, stage, f"data.mixture[{i}].path"), split)
-               for i, e in enumerate(entries)}
+    local = {e.name: local_build_dir(e.path, stage, f"data.mixture[{i}].path")
+             for i, e in enumerate(entries)}
+    if check_build is None:
+        from data_pipelines.build import check_build_matches_model as check_build
+    for i, e in enumerate(entries):
+        check_build(local[e.name], cfg.model, f"data.mixture[{i}] ({e.name})")
+    sources = {e.name: open_source(local[e.name], split) for e in entries}
     return make_iterator(sources, cfg.data,
                          vocab_of(cfg.model),
                          cfg.train.batch_size // process_count, cfg.train.seq_len,

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -33,6 +34,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ualm_jax import storage
+
+
+class _QuietOrbax:
+    """Drops two Orbax warnings every load and params-only save prints although nothing is
+    wrong: a step saved by save_params has no _CHECKPOINT_METADATA (our checksums.sha256 is what
+    vouches for a step), and numpy-only trees carry no jax.Array metadata."""
+    NOISE = ("Metadata file does not exist", "No jax.Array in TypeHandlerRegistry")
+
+    def filter(self, record) -> bool:
+        return not any(n in str(record.getMessage()) for n in self.NOISE)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 STATE, DATA = "state", "data"
 CHECKSUMS = "checksums.sha256"

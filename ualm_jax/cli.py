@@ -125,6 +125,14 @@ def results_table(summary: dict) -> str:
     if ev:
         lines.append(f"{'all':<10} {first.get('loss', float('nan')):>17.4f} {ev['eval/loss']:>16.4f}"
                      f"   eval stream-0 accuracy {ev['eval/accuracy']:.3f}")
+    last = summary.get("last_logged") or {}
+    if "reward_accuracy" in last:  # DPO: no held-out eval; the first and last logged windows
+        lines = [f"DPO results after {summary['step']} steps ({summary['run_dir']})",
+                 f"{'metric':<16} {'first logged':>13} {'last logged':>12}"]
+        for key in ("dpo_loss", "reward_accuracy", "reward_margin", "chosen_ce", "loss"):
+            if key in last:
+                a, b = first.get(key, float("nan")), last[key]
+                lines.append(f"{key:<16} {a:>13.4f} {b:>12.4f}")
     return "\n".join(lines)
 
 
@@ -132,10 +140,23 @@ def _import_hf(args) -> int:
     from ualm_jax.config import load_config
     from ualm_jax.convert.hf_import import import_hf
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    # Never invent an encoder: with neither a Whisper checkpoint nor a config that asks for one,
+    # the import is a text-only UALM (audio output streams, no audio input).
+    asked = args.config or args.whisper or any(o.startswith("model.audio_encoder") for o in overrides)
+    if not asked:
+        overrides.append("model.audio_encoder.enabled=false")
+    cfg = load_config(args.config, overrides)
     report = import_hf(args.hf_dir, args.out, cfg, whisper_dir=args.whisper)
     print(f"imported {report['tensors']} tensors from {args.hf_dir} into {args.out} "
           f"(tied source: {report['tied_source']}; unread: {len(report['unread_tensors'])})")
+    enc = cfg.model.audio_encoder
+    if not enc.enabled:
+        print("audio encoder: none (a text-only UALM with audio output streams); pass --whisper "
+              "DIR (a Whisper / Audio Flamingo 3 checkpoint) or --config FILE for audio input")
+    elif not args.whisper:
+        print(f"audio encoder: randomly initialised ({enc.n_layers} layers x {enc.d_model}, "
+              f"{'frozen' if enc.frozen else 'trained'}) because no --whisper DIR was given")
     return 0
 
 
@@ -175,15 +196,21 @@ def _generate(args) -> int:
     import soundfile as sf
 
     from ualm_jax.infer.decode import GenerationConfig
-    from ualm_jax.infer.tasks import caption, load, text_to_audio
+    from ualm_jax.infer.tasks import answer, caption, load, reason, text_to_audio
 
+    task = args.task
     if args.prompts:  # batch mode: one output per JSON line, every file under one folder
-        items = read_prompt_lines(args.prompts, args.out_dir or args.out,
-                                  args.task == "text-to-audio")
-    elif args.task == "text-to-audio":
-        if not args.prompt or not args.out:
-            raise ValueError("--task text-to-audio needs --prompt TEXT and --out FILE.wav")
-        items = [{"prompt": args.prompt, "out": args.out}]
+        items = read_prompt_lines(args.prompts, args.out_dir or args.out, task)
+    elif task in ("text-to-audio", "reason"):
+        if not args.prompt or (task == "text-to-audio" and not args.out):
+            raise ValueError(f"--task {task} needs --prompt TEXT"
+                             + (" and --out FILE.wav" if task == "text-to-audio" else ""))
+        items = [{"prompt": args.prompt, "out": args.out or "reason"}]
+    elif task == "answer":
+        if not args.prompt:
+            raise ValueError("--task answer needs --prompt QUESTION (and --audio FILE.wav for "
+                             "audio questions)")
+        items = [{"prompt": args.prompt, "audio": args.audio}]
     else:
         if not args.audio:
             raise ValueError("--task caption needs --audio FILE.wav")
@@ -192,34 +219,67 @@ def _generate(args) -> int:
     gen_cfg = GenerationConfig(max_new=args.max_new, cfg_scale=args.cfg, seed=args.seed,
                                top_k=args.top_k, audio_temperature=args.temperature,
                                max_audio_frames=args.max_audio_frames, uncond=args.uncond)
-    if args.task == "text-to-audio":
-        if m.codec is None:
-            raise ValueError("no codec to decode audio: pass --codec DIR or set data.codec")
+    # What every output records (printed, and as OUT.json beside each file written).
+    settings = {"checkpoint": m.checkpoint, "step": m.step, "task": task, "seed": args.seed,
+                "cfg": args.cfg, "uncond": args.uncond, "top_k": args.top_k,
+                "temperature": args.temperature, "max_new": args.max_new}
+
+    def write_wave(out: Path, codes, record: dict) -> dict:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        wave = m.codec.decode(codes) if len(codes) else np.zeros(1, np.float32)
+        sf.write(out, wave, m.codec.sample_rate)
+        record = {**record, "out": str(out), "frames": int(len(codes))}
+        out.with_suffix(".json").write_text(json.dumps({**record, **settings}, indent=1) + "\n")
+        return record
+
+    if task in ("text-to-audio", "reason") and m.codec is None:
+        raise ValueError("no codec to decode audio: pass --codec DIR or set data.codec")
+    if task == "text-to-audio":
         codes = text_to_audio(m, [it["prompt"] for it in items], gen_cfg)
         for it, c in zip(items, codes):
-            out = Path(it["out"])  # batch mode: resolved (and checked) by read_prompt_lines
-            out.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(out, m.codec.decode(c) if len(c) else np.zeros(1, np.float32), m.codec.sample_rate)
-            print(json.dumps({"prompt": it["prompt"], "out": str(out), "frames": int(len(c))}))
+            # batch mode: `out` resolved (and checked) by read_prompt_lines
+            print(json.dumps(write_wave(Path(it["out"]), c, {"prompt": it["prompt"]})))
+    elif task == "reason":
+        for it, segs in zip(items, reason(m, [it["prompt"] for it in items], gen_cfg)):
+            folder, parts = Path(it["out"]), []
+            for j, (kind, value) in enumerate(segs):
+                if kind == "audio":
+                    parts.append({"audio": write_wave(folder / f"segment_{j}.wav", value,
+                                                      {"prompt": it["prompt"], "segment": j})["out"]})
+                else:
+                    parts.append({"text": value})
+            folder.mkdir(parents=True, exist_ok=True)
+            rec = {"prompt": it["prompt"], "segments": parts, **settings}
+            (folder / "reply.json").write_text(json.dumps(rec, indent=1) + "\n")
+            print(json.dumps(rec))
     else:
         from data_pipelines.features import load_audio
 
-        texts = caption(m, [load_audio(it["audio"]) for it in items], gen_cfg)
+        waves = [load_audio(it["audio"]) if it.get("audio") else None for it in items]
+        if task == "answer":
+            texts = answer(m, [it["prompt"] for it in items], waves, gen_cfg)
+        else:
+            texts = caption(m, waves, gen_cfg)
         for it, text in zip(items, texts):
-            print(json.dumps({"audio": it["audio"], "caption": text}) if args.prompts else text)
+            key = "answer" if task == "answer" else "caption"
+            print(json.dumps({**{k: it[k] for k in ("prompt", "audio") if it.get(k)}, key: text,
+                              **settings}) if args.prompts else text)
     return 0
 
 
-def read_prompt_lines(prompts: str, out_dir: str | None, outputs: bool) -> list[dict]:
-    """The JSON lines of a `--prompts` file. With `outputs` (text-to-audio) each line's `out`
-    (default sample_NNNN.wav, NNNN counting lines) is resolved inside `out_dir`, else inside the
-    prompts file's folder; an absolute `out` or one that leaves that folder is refused, as are two
-    lines writing one file. Errors name the file and line number."""
+def read_prompt_lines(prompts: str, out_dir: str | None, task: str) -> list[dict]:
+    """The JSON lines of a `--prompts` file. Paths in a line (`audio`, `out`) are relative to the
+    prompts file's folder. For tasks that write files (text-to-audio: a .wav; reason: a folder)
+    each line's `out` (default sample_NNNN.wav / reply_NNNN, NNNN counting lines) is resolved
+    inside `out_dir`, else inside the prompts file's folder; an absolute `out` or one that leaves
+    that folder is refused, as are two lines writing one file. Errors name the file and line."""
     import json
     import os
     from pathlib import Path
 
-    base = Path(out_dir) if out_dir else Path(prompts).parent
+    outputs = task in ("text-to-audio", "reason")
+    here = Path(prompts).parent
+    base = Path(out_dir) if out_dir else here
     items, seen = [], {}
     for lineno, line in enumerate(Path(prompts).read_text().splitlines(), 1):
         if not line.strip():
@@ -231,11 +291,14 @@ def read_prompt_lines(prompts: str, out_dir: str | None, outputs: bool) -> list[
             raise ValueError(f"{where}: not a JSON object: {e}") from None
         if not isinstance(it, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(it).__name__}")
-        need = "prompt" if outputs else "audio"
+        need = "audio" if task == "caption" else "prompt"
         if not isinstance(it.get(need), str):
             raise ValueError(f"{where}: needs a {need!r} string")
+        if isinstance(it.get("audio"), str) and not os.path.isabs(it["audio"]):
+            it = dict(it, audio=str(here / it["audio"]))
         if outputs:
-            out = it.get("out", f"sample_{len(items):04d}.wav")
+            default = f"sample_{len(items):04d}.wav" if task == "text-to-audio" else f"reply_{len(items):04d}"
+            out = it.get("out", default)
             if not isinstance(out, str) or not out.strip():
                 raise ValueError(f"{where}: out={out!r} must be a non-empty file name")
             norm = os.path.normpath(out)
@@ -369,11 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text -> audio (with guidance) or audio -> caption",
                        description="Guidance follows UALM: logits = cfg*cond + (1-cfg)*uncond, so "
                        "--cfg 3.0 equals a scale s=2 in the c + s*(c-u) convention; 1.0 disables it.")
-    g.add_argument("--task", required=True, choices=["text-to-audio", "caption"],
-                   help="text-to-audio: a caption in, a .wav out; caption: a .wav in, text out")
-    g.add_argument("--prompt", help="caption to render as audio")
-    g.add_argument("--audio", help="audio file to caption")
-    g.add_argument("--out", help="output .wav (text-to-audio); with --prompts: the output folder")
+    g.add_argument("--task", required=True, choices=["text-to-audio", "caption", "answer", "reason"],
+                   help="text-to-audio: a caption in, a .wav out; caption: a .wav in, text out; "
+                   "answer: a question (with --audio for audio QA) in, text out; reason: a "
+                   "prompt in, the multi-segment reply (text plans, audio, critiques) out")
+    g.add_argument("--prompt", help="text-to-audio: the caption; answer: the question; reason: "
+                   "the request")
+    g.add_argument("--audio", help="caption: the clip; answer: the clip the question is about")
+    g.add_argument("--out", help="text-to-audio: the .wav; reason: the reply's folder; with "
+                   "--prompts: the output folder")
     g.add_argument("--prompts", help="batch mode: JSON lines with prompt/out or audio")
     g.add_argument("--out-dir", help="batch mode: the output folder (same as --out; default the "
                    "prompts file's folder)")

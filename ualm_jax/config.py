@@ -247,6 +247,12 @@ class TrainConfig:
     # skip: drop the update and count it | stop: raise naming the step
     nan_policy: Literal["skip", "stop"] = "skip"
     tensorboard: bool = True
+    # Extra metric sinks beside metrics.jsonl (always) and TensorBoard (train.tensorboard):
+    # "wandb" logs to Weights & Biases (WANDB_MODE=offline writes a local run, no network).
+    trackers: list = field(default_factory=list)
+    # [first, last]: a jax.profiler trace of steps first..last (1-based, inclusive) into
+    # RUN/profile/ (view with TensorBoard's profile plugin or Perfetto); [] = no trace.
+    profile_steps: list = field(default_factory=list)
     min_free_disk_factor: float = 2.0  # refuse to start with less free disk than this x one checkpoint
     probe_timeout_s: float = 60.0  # the run dir's probe write (gs:// clients retry for minutes)
 
@@ -269,7 +275,17 @@ class TrainConfig:
         _in_range(f"{prefix}.min_free_disk_factor", self.min_free_disk_factor, lo=0.0,
                   note="0 skips the free-disk check")
         _in_range(f"{prefix}.probe_timeout_s", self.probe_timeout_s, lo=0.0, lo_open=True)
+        unknown = [x for x in self.trackers if x not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"{prefix}.trackers has {unknown[0]!r}; known: {', '.join(TRACKERS)}")
+        p = self.profile_steps
+        if p and not (len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+                      and 1 <= p[0] <= p[1]):
+            raise ConfigError(f"{prefix}.profile_steps={p!r} must be [first, last] with "
+                              "1 <= first <= last (steps to trace), or [] for none")
 
+
+TRACKERS = ("wandb",)
 
 # The built-in synthetic stream's tasks (train/synthetic.py renders them): data.task_weights keys.
 SYNTHETIC_TASKS = ("text", "caption", "t2a")

@@ -636,6 +636,14 @@ class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Records of ualm_jax.format.records (to_record fields)."}
 
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" for
+    # every build although nothing downloads; `ualm data build` prints its own summary instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls):
@@ -675,12 +683,19 @@ class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, log_unparsed: bool = False):
         """Yields (key, example); the line's log entry goes to self.log."""
+        from tqdm import tqdm
+
         p = self.plan
-        for chunk in p.scan.chunks:
-            for examples, entry in chunk_outcomes(p.converter, p.manifest, chunk, split,
-                                                  p.eval_fraction, log_unparsed, p.limits):
-                self.log.append(entry)
-                yield from examples
+        total = sum(c.lines for c in p.scan.chunks)
+        # Progress with ETA on a terminal (tqdm disables itself when stderr is not one).
+        with tqdm(total=total, desc=f"building {split}", unit="line", disable=None,
+                  leave=False) as bar:
+            for chunk in p.scan.chunks:
+                for examples, entry in chunk_outcomes(p.converter, p.manifest, chunk, split,
+                                                      p.eval_fraction, log_unparsed, p.limits):
+                    self.log.append(entry)
+                    bar.update(1)
+                    yield from examples
 
 
 def beam_split(plan: BuildPlan, split: str, log_unparsed: bool):

@@ -19,7 +19,12 @@ def load_codec(directory: str, **kwargs) -> Codec:
     with open(path) as f:
         cfg = json.load(f)
     if cfg.get("codec") == "spectral_rvq":
-        return SpectralCodec.load(directory)
-    if cfg.get("model_type") == "xcodec":
-        return XCodec.from_pretrained(directory, **kwargs)
+        codec = SpectralCodec.load(directory)
+    elif cfg.get("model_type") == "xcodec":
+        codec = XCodec.from_pretrained(directory, **kwargs)
+    else:
+        codec = None
+    if codec is not None:
+        codec.source = os.path.abspath(directory)  # where it came from (builds record it)
+        return codec
     raise ValueError(f"{path} describes no known codec (neither spectral_rvq nor xcodec)")

@@ -174,6 +174,7 @@ def _prepare(out_dir: str, args: dict) -> dict:
     codec_dir = codec.save(os.path.join(out_dir, "codec"))
 
     datasets, counts, memo = {}, {}, _MemoCodec(codec)
+    memo.source = codec_dir  # recorded in each build (a run on them needs no --codec)
     for name, (manifest, kind, task) in DATASETS.items():
         rel = os.path.join("data", name)
         report = build(kind, paths[manifest], os.path.join(out_dir, rel), codec=memo,

@@ -403,8 +403,10 @@ def make_world(out_dir: str, n_clips: int, seed: int, clip_seconds: float = 2.0,
         if name.endswith(".wav") and name.startswith(("clip_", "speech_")):
             os.remove(os.path.join(clip_dir, name))
 
+    from tqdm import tqdm
+
     clips = []
-    for i in range(n_clips):
+    for i in tqdm(range(n_clips), desc="world clips", unit="clip", disable=None, leave=False):
         rng = np.random.default_rng([seed, 0, i])
         events = draw_events(rng, clip_seconds, loudness)
         wave = render(events, rng, clip_seconds)  # fills in freq / level_db

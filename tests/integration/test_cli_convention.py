@@ -78,3 +78,21 @@ def test_train_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     assert main(["train", "model.preset=tiny"]) == 2  # no --run-dir: one line says what to give
     assert "needs --run-dir" in capsys.readouterr().err
+
+
+def test_import_hf_never_invents_an_encoder(tmp_path, capsys):
+    from test_convert import make_hf
+
+    from ualm_jax.config import load_config
+
+    make_hf(tmp_path / "hf", False)
+    tiny = ["model.preset=tiny", "model.dtype=float32"]
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "a")] + tiny) == 0
+    assert "audio encoder: none (a text-only UALM" in capsys.readouterr().out
+    cfg = load_config(tmp_path / "a" / "config.yaml")
+    assert not cfg.model.audio_encoder.enabled and cfg.model.num_codebooks > 0
+    # Asked for (an override, a config or --whisper): built, and said to be random.
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b"),
+                 "model.audio_encoder.enabled=true"] + tiny) == 0
+    assert "audio encoder: randomly initialised" in capsys.readouterr().out
+    assert load_config(tmp_path / "b" / "config.yaml").model.audio_encoder.enabled

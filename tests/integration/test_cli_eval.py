@@ -61,7 +61,7 @@ def test_train_loop_logs_generation_metrics(setup, tmp_path):
     cfg = load_config(run / "config.yaml", [
         f"eval.prompts={prompts}", "eval.max_prompts=2", "eval.fd_model=mel-stats",
         "train.steps=1", "train.eval_every=1", "train.eval_batches=1", "train.batch_size=8",
-        "train.seq_len=64", "train.tensorboard=false", "mesh.ici.fsdp=8"])
+        "train.seq_len=64", "train.tensorboard=true", "mesh.ici.fsdp=8"])
     summary = train(cfg, tmp_path / "run", hooks=eval_hooks(cfg))
     ev = summary["eval"]
     assert {"eval/gen/world_match", "eval/gen/world_judge", "eval/gen/fd"} <= set(ev)
@@ -69,6 +69,12 @@ def test_train_loop_logs_generation_metrics(setup, tmp_path):
     assert ev["eval/gen_models"]["gen/fd"].startswith("mel-stats")
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/gen/world_match" in r for r in logged)
+    # The generated clips as TensorBoard audio summaries, their captions as text.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"audio": 0})
+    ea.Reload()
+    assert "gen/0" in ea.Tags()["audio"] and ea.Audio("gen/0")[0].sample_rate > 0
 
 
 def test_format_table_lists_skips():

@@ -56,6 +56,10 @@ def test_dpo_training_runs_and_logs(pairs, tmp_path, reference):
         over.append(f"train.init_from={init}")
     out = train(load_config(None, over), tmp_path / "run")
     assert out["step"] == 3 and out["skipped_steps"] == 0
+    from ualm_jax.cli import results_table
+
+    table = results_table(out)  # the DPO table: first and last logged windows
+    assert table.startswith("DPO results after 3 steps") and "reward_accuracy" in table
     recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     for key in ("loss", "dpo_loss", "chosen_ce", "reward_margin", "reward_accuracy", "grad_norm"):
         assert all(key in r and np.isfinite(r[key]) for r in recs), key

@@ -63,9 +63,38 @@ def test_text_to_audio_and_batch_mode(checkpoint):
               "--prompts", str(prompts), "--out-dir", str(checkpoint / "batch"), "--max-new", "30",
               "--max-audio-frames", "10")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(checkpoint / "batch")) == ["sample_0000.wav", "sample_0001.wav", "sub"]
-    assert os.listdir(checkpoint / "batch" / "sub") == ["named.wav"]  # a line's out: inside --out-dir
+    assert sorted(os.listdir(checkpoint / "batch")) == [
+        "sample_0000.json", "sample_0000.wav", "sample_0001.json", "sample_0001.wav", "sub"]
+    # a line's out: inside --out-dir; every file has its sidecar
+    assert sorted(os.listdir(checkpoint / "batch" / "sub")) == ["named.json", "named.wav"]
     assert not (checkpoint / "sub").exists()
+    side = json.loads((checkpoint / "batch" / "sub" / "named.json").read_text())
+    assert side["prompt"] == "a tone" and side["seed"] == 0 and side["cfg"] == 3.0
+    assert side["step"] == 0 and side["checkpoint"] == str(checkpoint / "run")
+
+
+def test_answer_and_reason(checkpoint):
+    r = _ualm("generate", "--checkpoint", str(checkpoint / "run"), "--task", "answer",
+              "--prompt", "what is it?", "--audio", str(checkpoint / "in.wav"), "--max-new", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(r.stdout.splitlines()) == 1
+    prompts = checkpoint / "questions.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what is it?", "audio": "in.wav"}) + "\n"
+                       + json.dumps({"prompt": "say hi"}) + "\n")
+    r = _ualm("generate", "--checkpoint", str(checkpoint / "run"), "--task", "answer",
+              "--prompts", str(prompts), "--max-new", "8")  # audio relative to the prompts file
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()[-2:]]
+    assert [x["prompt"] for x in lines] == ["what is it?", "say hi"] and "answer" in lines[0]
+    out = checkpoint / "reasoned"
+    r = _ualm("generate", "--checkpoint", str(checkpoint / "run"), "--task", "reason",
+              "--prompt", "a calm scene", "--out", str(out), "--max-new", "30",
+              "--max-audio-frames", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    reply = json.loads((out / "reply.json").read_text())
+    assert reply["prompt"] == "a calm scene" and reply["segments"] and reply["step"] == 0
+    for seg in reply["segments"]:
+        assert set(seg) <= {"text", "audio"} and ("audio" not in seg or os.path.exists(seg["audio"]))
 
 
 def test_caption_prints_text(checkpoint):
@@ -92,12 +121,12 @@ def test_prompt_outputs_stay_inside_the_out_dir(tmp_path):
     prompts.parent.mkdir()
     prompts.write_text(json.dumps({"prompt": "a", "out": "x/a.wav"}) + "\n\n"
                        + json.dumps({"prompt": "b"}) + "\n" + json.dumps({"prompt": "c", "out": "./c.wav"}))
-    items = read_prompt_lines(str(prompts), str(tmp_path / "gen"), True)
+    items = read_prompt_lines(str(prompts), str(tmp_path / "gen"), "text-to-audio")
     assert [it["out"] for it in items] == [str(tmp_path / "gen" / "x" / "a.wav"),
                                           str(tmp_path / "gen" / "sample_0001.wav"),
                                           str(tmp_path / "gen" / "c.wav")]
     # No --out-dir: next to the prompts file (not the working directory).
-    assert read_prompt_lines(str(prompts), None, True)[0]["out"] == str(prompts.parent / "x" / "a.wav")
+    assert read_prompt_lines(str(prompts), None, "text-to-audio")[0]["out"] == str(prompts.parent / "x" / "a.wav")
     for line, match in [({"prompt": "a", "out": "/tmp/evil.wav"}, r"prompts.jsonl:2: out='/tmp/evil.wav' is absolute"),
                         ({"prompt": "a", "out": "../up.wav"}, r"prompts.jsonl:2: out='../up.wav' leaves"),
                         ({"prompt": "a", "out": "x/../../up.wav"}, r"prompts.jsonl:2: out='x/../../up.wav' leaves"),
@@ -106,10 +135,10 @@ def test_prompt_outputs_stay_inside_the_out_dir(tmp_path):
                         ({"out": "a.wav"}, r"prompts.jsonl:2: needs a 'prompt' string")]:
         prompts.write_text(json.dumps({"prompt": "first"}) + "\n" + json.dumps(line))
         with pytest.raises(ValueError, match=match):
-            read_prompt_lines(str(prompts), str(tmp_path / "gen"), True)
+            read_prompt_lines(str(prompts), str(tmp_path / "gen"), "text-to-audio")
     prompts.write_text("{not json")
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: not a JSON object"):
-        read_prompt_lines(str(prompts), None, True)
+        read_prompt_lines(str(prompts), None, "text-to-audio")
 
 
 def test_escaping_prompt_output_is_refused_before_loading(tmp_path):
@@ -122,3 +151,20 @@ def test_escaping_prompt_output_is_refused_before_loading(tmp_path):
         f"ualm generate: error: {prompts}:1: out='../../etc/x.wav' leaves {tmp_path / 'gen'} "
         "(the --out-dir, default the prompts file's folder)"]
     assert not (tmp_path / "gen").exists()
+
+
+def test_python_api(checkpoint):
+    import ualm_jax
+
+    m = ualm_jax.load(checkpoint / "run")
+    wave = m.generate("a high tone", max_new=30, max_audio_frames=8, seed=1)
+    assert wave.dtype == np.float32 and wave.ndim == 1 and m.sample_rate == 16000
+    np.testing.assert_array_equal(wave, m.text_to_audio(["a high tone"], max_new=30,
+                                                        max_audio_frames=8, seed=1)[0])
+    clip, _ = sf.read(checkpoint / "in.wav", dtype="float32")
+    assert isinstance(m.caption([clip], max_new=6)[0], str)
+    assert isinstance(m.answer(["say hi"], max_new=6)[0], str)
+    with pytest.raises(TypeError, match="unknown generation setting"):
+        m.generate("x", temprature=0.5)
+    with pytest.raises(ValueError, match="task='sing'"):
+        m.generate("x", task="sing")

@@ -14,7 +14,7 @@ import pytest
 from ualm_jax.checkpoint import Checkpointer, with_shardings
 from ualm_jax.config import ConfigError, load_config
 from ualm_jax.model.params import build_model
-from ualm_jax.sharding import make_mesh, parse_mesh_arg, shard_batch
+from ualm_jax.sharding import make_mesh, parse_mesh_arg
 from ualm_jax.train.loop import NonFiniteLoss, train
 from ualm_jax.train.setup import model_and_optimizer
 from ualm_jax.train.optim import make_optimizer
@@ -319,3 +319,32 @@ def test_a_second_trainer_on_a_live_run_dir_refuses(tmp_path):
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     assert first.returncode == 0
+
+
+def test_resume_records_config_changes_provenance_trackers_and_profile(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A resume with another learning rate prints the change and keeps both configs with the step
+    each took effect; every start appends its provenance; train.trackers=[wandb] logs an offline
+    W&B run; train.profile_steps writes a profiler trace of those steps."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    extra = ["train.steps=4", "train.trackers=[wandb]", "train.profile_steps=[2,2]"]
+    train(cfg_with(*extra), run, max_steps_this_run=2)
+    assert not (run / "config_history").exists()  # nothing changed yet
+    train(cfg_with(*extra, "optim.learning_rate=5e-3"), run)
+    out = capsys.readouterr().out
+    assert "resuming at step 2 with a changed config" in out and "optim.learning_rate: 0.01 -> 0.005" in out
+    history = sorted(p.name for p in (run / "config_history").iterdir())
+    assert history == ["step_0.yaml", "step_2.yaml"]
+    assert load_config(run / "config_history" / "step_0.yaml").optim.learning_rate == 1e-2
+    assert load_config(run / "config.yaml").optim.learning_rate == 5e-3
+    starts = [json.loads(x) for x in (run / "provenance.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 2]
+    assert starts[0]["versions"]["jax"] == jax.__version__ and starts[0]["devices"] == {"cpu": 8}
+    assert starts[0]["command"] and starts[0]["host"]
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline and any(offline[0].rglob("*.wandb"))
+    traces = list((run / "profile").rglob("*.xplane.pb"))
+    assert traces, list((run / "profile").rglob("*"))
+    assert "profile of steps 2..2" in out

@@ -1,7 +1,6 @@
 """KV-cache decoding equals the full forward; delay-aware masks; guidance; repeatability."""
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from ualm_jax.infer import sampling as S
 from ualm_jax.infer.decode import GenerationConfig, Generator, audio_codes, generate

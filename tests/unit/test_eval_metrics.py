@@ -259,3 +259,18 @@ def test_evaluate_generation_end_to_end(clap_dir, ast_dir):
                                  fd_frames=True)
     assert set(frames) == {"fd"} and frames["fd"].details["rows_gen"] > 3
     assert out["fd"].to_dict()["model"] == out["fd"].model
+
+
+def test_interval95_against_closed_forms():
+    from ualm_jax.eval.metrics import interval95
+
+    # Wilson: 8 of 10 -> [0.490, 0.943] (textbook value); 0 of 32 stays inside [0, 1].
+    lo, hi = interval95([1] * 8 + [0] * 2, binary=True)
+    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
+    lo, hi = interval95([0] * 32, binary=True)
+    assert lo == 0.0 and 0.10 < hi < 0.11
+    # Continuous: mean +- 1.96 standard errors.
+    x = np.array([0.2, 0.4, 0.6, 0.8])
+    half = 1.959963984540054 * x.std(ddof=1) / 2
+    np.testing.assert_allclose(interval95(x, binary=False), [0.5 - half, 0.5 + half])
+    assert np.isnan(interval95([], binary=True)).all()

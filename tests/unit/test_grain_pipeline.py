@@ -340,3 +340,38 @@ def test_mean_tokens_from_build_stats():
     it = make_iterator(SOURCES, cfg(), VB, B, L, 0, N_MELS, MEL_FRAMES, FPW,
                        mean_tokens={"text": 10.0, "caption": 10.0, "t2a": 10.0})
     assert it.weights == pytest.approx({"text": 0.5, "caption": 0.2, "t2a": 0.3})
+
+
+def test_a_build_the_model_cannot_read_fails_at_start_naming_both_values(tmp_path):
+    from data_pipelines.build import REPORT_FILE
+    from data_pipelines.grain_pipeline import make_config_iterator
+    from ualm_jax.config import load_config
+
+    def build(name, **settings):
+        d = tmp_path / name
+        d.mkdir()
+        (d / REPORT_FILE).write_text(json.dumps({"dataset_dir": "x", "settings": {
+            "kind": "captions", "task": "both", "n_mels": 16, "text_vocab_size": 100,
+            "num_codebooks": 4, "codebook_size": 64, **settings}}))
+        return str(d)
+
+    cases = {"mels": ({"n_mels": 128}, "built with --n-mels 128 but model.audio_encoder.n_mels=16"),
+             "codec": ({"num_codebooks": 8}, "codec with 8 codebooks of 64 but the model has "
+                                             "model.num_codebooks=4"),
+             "tok": ({"text_vocab_size": 10 ** 6}, "1000000-entry tokenizer but model.text_vocab")}
+    for name, (settings, message) in cases.items():
+        mixture = [{"name": "a", "path": build(name, **settings), "share": 1.0}]
+        cfg = load_config(None, ["model.preset=tiny", "model.codebook_size=64",
+                                 "model.audio_encoder.n_mels=16", "data.source=mixture",
+                                 f"data.mixture={json.dumps(mixture)}"])
+        with pytest.raises(ValueError, match=r"data.mixture\[0\] \(a\) .*" + message):
+            make_config_iterator(cfg, process_index=0, process_count=1,
+                                 open_source=lambda *a: pytest.fail("opened before the check"))
+    # t2a-only captions carry no mel: their n_mels does not matter.
+    mixture = [{"name": "a", "path": build("t2a", task="t2a", n_mels=128), "share": 1.0}]
+    cfg = load_config(None, ["model.preset=tiny", "model.codebook_size=64",
+                             "model.audio_encoder.n_mels=16", "data.source=mixture",
+                             f"data.mixture={json.dumps(mixture)}"])
+    with pytest.raises(RuntimeError, match="opened"):
+        make_config_iterator(cfg, process_index=0, process_count=1,
+                             open_source=lambda *a: (_ for _ in ()).throw(RuntimeError("opened")))

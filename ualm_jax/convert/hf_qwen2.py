@@ -6,7 +6,7 @@ q_proj [d, H, D], k/v_proj [d, Hkv, D], o_proj [H, D, d]. Scanned layers stack o
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 

@@ -35,6 +35,11 @@ class GenerationEval:
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
     prompts: int = 0
     mean_seconds: float = 0.0  # of the generated clips (0 for empty generations)
+    samples: list = field(default_factory=list, repr=False)  # [(caption, wave)]: the first few
+    sample_rate: int = 0
+
+
+AUDIO_SUMMARIES = 4  # generated clips kept for the trackers' audio summaries
 
 
 def make_fd_embedder(spec: str | None):
@@ -121,7 +126,8 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
         results["gen/world_judge"] = MetricResult(float(np.mean(scores)), len(world), WORLD_JUDGE)
     else:
         skipped["gen/world_match"] = "no prompt carries 'events' (not the procedural world)"
-    return GenerationEval(results, skipped, len(prompts), seconds)
+    return GenerationEval(results, skipped, len(prompts), seconds,
+                          samples=list(zip(captions, waves))[:AUDIO_SUMMARIES], sample_rate=sr)
 
 
 def format_table(ev: GenerationEval, header: str = "") -> str:

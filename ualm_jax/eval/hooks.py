@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 
 from ualm_jax.config import Config
+from ualm_jax.train.metrics import AUDIO_KEY
 from ualm_jax.eval.cli_eval import generation_eval, make_clap, make_fd_embedder
 from ualm_jax.infer.prompts import read_prompts
 from ualm_jax.infer.tasks import from_params, set_params
@@ -45,6 +46,7 @@ class GenerationHook:
                              self.clap, self.fd, e.cfg_scale, e.max_prompts, self.cfg.seed)
         rec = {f"eval/{k}": float(r.value) for k, r in ev.results.items()}
         rec["eval/gen_models"] = {k: r.model for k, r in ev.results.items()}
+        rec[AUDIO_KEY] = {"sample_rate": ev.sample_rate, "clips": ev.samples}
         print("eval step {} generation: {}".format(step, " ".join(
             f"{k}={r.value:.4f} ({r.model})" for k, r in ev.results.items())), flush=True)
         return rec

@@ -187,3 +187,22 @@ def accuracy(predictions: Iterable[str], references: Iterable[str], normalise: b
         options = [ref] if isinstance(ref, str) else list(ref)
         hits += norm(pred) in {norm(o) for o in options}
     return hits / len(preds)
+
+
+def interval95(values, binary: bool) -> list:
+    """A 95% interval for the mean of `values`: Wilson's for a proportion (binary outcomes, right
+    at small n and near 0 or 1), else mean +- 1.96 standard errors (clipped to the values' range).
+    [nan, nan] for no values."""
+    x = np.asarray(values, np.float64)
+    n = len(x)
+    if n == 0:
+        return [float("nan"), float("nan")]
+    z = 1.959963984540054
+    if binary:
+        p = x.mean()
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+    half = z * (x.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0)
+    return [float(max(x.min(), x.mean() - half)), float(min(x.max(), x.mean() + half))]
+

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from ualm_jax.eval.metrics import normalise_answer
+from ualm_jax.eval.metrics import interval95, normalise_answer
 
 TEXT_MAX_NEW = 40  # positions for a text reply: the longest world answer takes ~22 tokens
 
@@ -53,13 +53,14 @@ def _score_captions(clips, out) -> dict:
     exact = [parse_caption(g) == parse_caption(c["caption"]) for g, c in zip(out, clips)]
     score = [float(caption_match(c["events"], g)) for g, c in zip(out, clips)]
     return {"n": len(clips), "exact": _mean(exact), "score": _mean(score),
+            "exact_ci": interval95(exact, True), "score_ci": interval95(score, False),
             "examples": [{"id": c["id"], "reference": c["caption"], "generated": g}
                          for c, g in zip(clips, out)]}
 
 
 def _score_answers(questions, references, out) -> dict:
     exact = [normalise_answer(g) == normalise_answer(r) for g, r in zip(out, references)]
-    return {"n": len(questions), "exact": _mean(exact),
+    return {"n": len(questions), "exact": _mean(exact), "exact_ci": interval95(exact, True),
             "examples": [{"question": q, "reference": r, "generated": g}
                          for q, r, g in zip(questions, references, out)]}
 
@@ -106,7 +107,8 @@ def _t2a(m, clips, out_dir, scale, frames, gen_cfg) -> dict:
         matches.append(strict)
         scores.append(score)
         entry["samples"].append((c["caption"], path))
-    entry.update(match=_mean(matches), judge=_mean(scores))
+    entry.update(match=_mean(matches), judge=_mean(scores), match_ci=interval95(matches, True),
+                 judge_ci=interval95(scores, False))
     return entry
 
 
@@ -150,18 +152,22 @@ def evaluate_world(m, world_dir: str, out_dir: str, max_items: int = 32,
 
 def format_world_table(results: dict) -> str:
     """The headline numbers as an aligned text table."""
-    rows = [("task", "metric", "value", "n")]
+    def ci(entry, key):
+        lo, hi = entry.get(f"{key}_ci") or (float("nan"), float("nan"))
+        return f"[{lo:.3f}, {hi:.3f}]"
+
+    rows = [("task", "metric", "value", "95% interval", "n")]
     c = results["caption"]
-    rows += [("caption", "exact (same events)", f"{c['exact']:.3f}", str(c["n"])),
-             ("caption", "event match score", f"{c['score']:.3f}", str(c["n"]))]
+    rows += [("caption", "exact (same events)", f"{c['exact']:.3f}", ci(c, "exact"), str(c["n"])),
+             ("caption", "event match score", f"{c['score']:.3f}", ci(c, "score"), str(c["n"]))]
     for name, label in (("audio_qa", "audio QA"), ("text", "text problems")):
         r = results[name]
-        rows.append((label, "exact answer", f"{r['exact']:.3f}", str(r["n"])))
+        rows.append((label, "exact answer", f"{r['exact']:.3f}", ci(r, "exact"), str(r["n"])))
     for e in results["t2a"]:
         task = f"text-to-audio cfg {e['cfg_scale']:g}"
-        rows += [(task, "strict event match", f"{e['match']:.3f}", str(e["n"])),
-                 (task, "judge score", f"{e['judge']:.3f}", str(e["n"]))]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows += [(task, "strict event match", f"{e['match']:.3f}", ci(e, "match"), str(e["n"])),
+                 (task, "judge score", f"{e['judge']:.3f}", ci(e, "judge"), str(e["n"]))]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(v.rjust(w) if i >= 2 else v.ljust(w) for i, (v, w) in
                        enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

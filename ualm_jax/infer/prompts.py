@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ualm_jax.infer.decode import GenerationConfig
 from ualm_jax.infer.tasks import text_to_audio
@@ -60,7 +61,9 @@ class Synthesizer:
         padded to `batch_size` rows (build with min(batch_size, prompts) for small runs)."""
         rows = self.batch_size
         out: list[np.ndarray] = []
-        for b, start in enumerate(range(0, len(captions), rows)):
+        starts = range(0, len(captions), rows)
+        for b, start in enumerate(tqdm(starts, desc="generating", unit="batch", disable=None,
+                                       leave=False) if len(starts) > 1 else starts):
             chunk = list(captions[start:start + rows])
             padded = chunk + [chunk[-1]] * (rows - len(chunk))  # fixed rows: no recompile
             cfg = dataclasses.replace(self.gen_cfg, seed=derive_seed(seed, b))

@@ -34,6 +34,8 @@ class Loaded:
     tokenizer: object
     codec: object | None
     generators: dict = field(default_factory=dict, repr=False)
+    checkpoint: str | None = None  # where the parameters came from (sidecars name it)
+    step: int | None = None
 
 
 LEN_BUCKET = 64
@@ -57,7 +59,9 @@ def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None
     cfg = load_config(config_path, list(overrides))
     if overrides:
         _refuse_shape_changes(load_config(config_path), cfg, overrides)
-    return from_params(cfg, load_params(ckpts / str(step), verify=False), tokenizer, codec)
+    m = from_params(cfg, load_params(ckpts / str(step), verify=False), tokenizer, codec)
+    m.checkpoint, m.step = str(checkpoint), int(step)
+    return m
 
 
 def _refuse_shape_changes(saved, cfg, overrides) -> None:
@@ -269,3 +273,25 @@ def answer(m: Loaded, questions: list[str], waves: list, gen_cfg: GenerationConf
     """Text answers to user questions, each with one 16 kHz clip or None (text only), laid out as
     the audio-QA and text-SFT builders lay out their rows: question, then audio."""
     return _reply(m, list(questions), list(waves), gen_cfg)
+
+
+def reason(m: Loaded, prompts: list[str], gen_cfg: GenerationConfig) -> list[list[tuple]]:
+    """UALM-Reason: each user prompt -> the assistant's whole reply, segment by segment, as the
+    reason builder lays it out (a text plan, audio, a caption and critique, revised audio, ...):
+    [("text", str) | ("audio", codes [T, K])] per prompt. The model chooses each next segment's
+    modality after `<eot>`; `<eos>` ends the reply."""
+    prompts_, _, _, _ = reply_inputs(m, list(prompts), [None] * len(prompts))
+    longest = max(len(p) for p in prompts_)
+    gen = generator_for(m, len(prompts_), longest + gen_cfg.max_new)
+    out = []
+    for segs in generate(gen, prompts_, gen_cfg, start_phase="text"):
+        row = []
+        for seg in segs:
+            if seg.modality == "audio":
+                row.append(("audio", audio_codes(seg, m.vocab)))
+            else:
+                ids = m.vocab.joint_to_text(np.asarray(seg.ids, np.int64)).tolist() if seg.ids else []
+                row.append(("text", m.tokenizer.decode(ids)))
+        out.append(row)
+    return out
+

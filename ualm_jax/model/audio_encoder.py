@@ -8,7 +8,6 @@ Parameter names follow HF's WhisperEncoder so weight import is a rename.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -9,6 +9,7 @@ import threading
 import jax
 import numpy as np
 
+from ualm_jax import storage
 from ualm_jax.format.batch import BatchIterator, check_batch
 from ualm_jax.sharding import batch_sharding
 from ualm_jax.train.synthetic import TASKS, stream_for_model
@@ -31,7 +32,7 @@ def make_train_iterator(cfg):
 
 
 def _preference_iterator(cfg, split):
-    from data_pipelines.build import open_source
+    from data_pipelines.build import check_build_matches_model, open_source
     from data_pipelines.preference_batches import PreferenceBatches
     from data_pipelines.staging import local_build_dir
     from ualm_jax.format.vocab import JointVocab
@@ -40,6 +41,7 @@ def _preference_iterator(cfg, split):
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be even for DPO "
                          "(half chosen, half rejected rows)")
     path = local_build_dir(cfg.data.preference_path, cfg.data.stage_dir, "data.preference_path")
+    check_build_matches_model(path, cfg.model, "data.preference_path")
     return PreferenceBatches(open_source(path, split),
                              JointVocab.from_model_config(cfg.model), cfg.train.batch_size // 2,
                              cfg.train.seq_len, seed=cfg.seed,
@@ -67,6 +69,45 @@ def _template_args(cfg) -> dict:
     return {"max_clips": cfg.data.max_clips_per_row, "supervise_headers": cfg.data.supervise_headers == "assistant",
             "text_id0_as_pad": cfg.data.text_id0_as_pad,
             "stream_weights": cfg.model.audio_stream_weights()}
+
+
+def adopt_build_artefacts(cfg) -> list[str]:
+    """Sets data.tokenizer / data.codec, when unset, from the builds the run reads (each build
+    keeps a copy of its tokenizer and names its codec, data_pipelines/build.py), so the run's
+    config.yaml records them and `ualm generate/eval/dpo make-pairs` on the run need neither
+    --tokenizer nor --codec. Builds made with different tokenizers or codecs are refused.
+    Returns one note per key set."""
+    from data_pipelines.build import build_artefacts
+    from data_pipelines.mixture import parse_mixture
+    from data_pipelines.staging import local_build_dir
+
+    d = cfg.data
+    if d.source == "mixture":
+        places = [(f"data.mixture[{i}]", local_build_dir(e.path, d.stage_dir, f"data.mixture[{i}].path"))
+                  for i, e in enumerate(parse_mixture(d.mixture))]
+    elif d.source == "preference":
+        places = [("data.preference_path",
+                   local_build_dir(d.preference_path, d.stage_dir, "data.preference_path"))]
+    else:
+        return []
+    found = [(where, build_artefacts(path)) for where, path in places]
+    notes = []
+    for key in ("tokenizer", "codec"):
+        if getattr(d, key):
+            continue
+        given = [(where, a[key]) for where, a in found if a[key]]
+        if not given:
+            continue
+        # Tokenizers are copies inside each build: compare contents, not paths.
+        ident = (lambda p: storage.sha256(p)) if key == "tokenizer" else (lambda p: p)
+        first_where, first = given[0]
+        for where, value in given[1:]:
+            if ident(value) != ident(first):
+                raise ValueError(f"{where} was built with another {key} than {first_where} "
+                                 f"({value} vs {first}): set data.{key} to the one to use")
+        setattr(d, key, first)
+        notes.append(f"data.{key}={first} (from the build of {first_where})")
+    return notes
 
 
 def task_names(cfg) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from ualm_jax.model.params import param_table
 from ualm_jax.train import data as data_lib
 from ualm_jax.train import freeze, lease, rundir
 from ualm_jax.train.evaluation import HeldOut, evaluate
-from ualm_jax.train.metrics import MetricsWriter
+from ualm_jax.train.metrics import MetricsWriter, StepTrace, WindowMeans
 from ualm_jax.train.mfu import mfu, peak_flops_per_device
 from ualm_jax.train.setup import setup_training
 from ualm_jax.train.state import create_state, state_from_params
@@ -90,6 +90,9 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
     t = cfg.train
     rundir.check_same_model(path, cfg)
     is_main = jax.process_index() == 0
+    for note in data_lib.adopt_build_artefacts(cfg):
+        if is_main:
+            print(note, flush=True)
 
     # Model, optimiser, shardings, batch spec and the jitted steps: one setup (train/setup.py).
     names = data_lib.task_names(cfg)
@@ -97,12 +100,12 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
     mesh, tx, spec, shardings, info = (setup.mesh, setup.tx, setup.trainable, setup.shardings,
                                        setup.params_info)
     rundir.check_free_disk(path, rundir.state_bytes(setup.abstract_state), t.min_free_disk_factor)
-    if is_main:
-        rows = param_table(info["params"], info["logical"], shardings["params"])
-        rundir.write_start_files(path, cfg, rows, freeze.count_trainable(spec, info["params"]))
-
     # State: resume from the latest complete checkpoint, else initialise.
     ckpt = Checkpointer(path / "checkpoints", t.keep_last, t.keep_every, t.async_checkpoint)
+    if is_main:
+        rows = param_table(info["params"], info["logical"], shardings["params"])
+        rundir.write_start_files(path, cfg, rows, freeze.count_trainable(spec, info["params"]),
+                                 ckpt.latest_step() or 0)
     train_iter = data_lib.make_train_iterator(cfg)
     if ckpt.latest_step() is not None:
         state, data_state, start = ckpt.restore(setup.abstract_state)
@@ -119,7 +122,8 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
     step_fn, eval_fn = setup.step_fn, setup.eval_fn
     peak = peak_flops_per_device()
     tokens_per_step = t.batch_size * t.seq_len
-    writer = MetricsWriter(path, t.tensorboard, is_main)
+    writer = MetricsWriter(path, t.tensorboard, is_main, trackers=t.trackers, config=cfg.to_dict())
+    trace = StepTrace(path, t.profile_steps, is_main)
     held_out = HeldOut(cfg)
     prefetch = data_lib.Prefetcher(train_iter, mesh, cfg.mesh.rules, names,
                                    host_spec=host_batch_spec(cfg, jax.process_count()),
@@ -127,14 +131,14 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
                                                            adapter_trained=freeze.adapter_trained(spec)))
     step, skipped, preempted, nothing_trained = start, 0, False, False
     pending = None  # (step, device metrics, task mix, model FLOPs): logged one step later
-    last_eval = first_loss = None
+    last_eval = first_loss = last_logged = None
     data_state = train_iter.get_state()
     started = last_log_time = time.perf_counter()
-    last_log_step, window_flops = start, 0.0
+    last_log_step, window_flops, window = start, 0.0, WindowMeans()
     stop_at = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
 
     def flush(item):
-        nonlocal skipped, last_log_time, last_log_step, first_loss, window_flops
+        nonlocal skipped, last_log_time, last_log_step, first_loss, window_flops, last_logged
         s, metrics, mix, flops = item
         window_flops += flops
         rec = _scalars(metrics, names)
@@ -145,16 +149,19 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
             raise NonFiniteLoss(f"non-finite loss, gradient or update at step {s} "
                                 f"(loss={rec['loss']}, "
                                 f"grad_norm={rec['grad_norm']}); batch task mix (tokens): {mix}")
+        window.add(rec)
         if s % t.log_every == 0 or s == stop_at:
             now = time.perf_counter()
             seconds = max(now - last_log_time, 1e-9)
             tps = tokens_per_step * (s - last_log_step) / seconds
+            rec = window.pop()
             rec.update(step=s, tokens_per_s=tps,
                        mfu=mfu(window_flops / seconds, jax.device_count(), peak),
                        skipped_steps=skipped, task_mix=mix)
             last_log_time, last_log_step, window_flops = now, s, 0.0
             writer.write(rec)
             writer.console(rec, t.steps, started, start)
+            last_logged = rec
 
     def run_eval(params, step):
         rec = evaluate(eval_fn, params, cfg, mesh, names, step, held_out)
@@ -170,8 +177,16 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
                     nothing_trained = True
                     break
                 batch, data_state, mix, flops = next(prefetch)
+                trace.before(step + 1)
+                if step == start and is_main:
+                    print("compiling the train step ...", flush=True)
+                    compile_started = time.perf_counter()
                 state, metrics = step_fn(state, batch)
+                if step == start and is_main:
+                    print(f"compiled in {time.perf_counter() - compile_started:.1f} s; training",
+                          flush=True)
                 step += 1
+                trace.after(step, state)
                 if pending is not None:
                     flush(pending)
                 pending = (step, metrics, mix, flops)
@@ -195,6 +210,7 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
             if not nothing_trained and ckpt.latest_step() != step:
                 ckpt.save(step, state, data_lib.gather_data_state(data_state), force=True)
     finally:
+        trace.stop()
         prefetch.close()
         ckpt.close()
         writer.close()
@@ -203,7 +219,8 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
     if preempted:
         print(f"preempted: saved step {step}, exiting cleanly", flush=True)
     return {"step": step, "preempted": preempted or stopped_early, "skipped_steps": skipped,
-            "state": state, "run_dir": str(path), "eval": last_eval, "first_loss": first_loss}
+            "state": state, "run_dir": str(path), "eval": last_eval, "first_loss": first_loss,
+            "last_logged": last_logged}
 
 
 def _nothing_trained(run_dir, state, step: int = 0) -> dict:

@@ -19,10 +19,102 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _start_wandb(run_dir, config):
+    """A Weights & Biases run named after the run dir, resumed across restarts (same id);
+    WANDB_PROJECT picks the project, WANDB_MODE=offline keeps it local."""
+    import hashlib
+    import os
+
+    try:
+        import wandb
+    except ImportError:
+        from ualm_jax.config import ConfigError
+
+        raise ConfigError("train.trackers=[wandb] needs the wandb package: pip install wandb") from None
+    name = str(run_dir).rstrip("/")
+    local = None if storage.is_url(run_dir) else name
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "ualm-jax"),
+                      name=os.path.basename(name), dir=local, config=config, resume="allow",
+                      id=hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:16])
+
+
+class StepTrace:
+    """train.profile_steps=[first, last]: a jax.profiler trace of those steps in RUN/profile/
+    (written locally, then uploaded when the run dir is a URL). Process 0 only."""
+
+    def __init__(self, run_dir, steps, is_main: bool = True):
+        self.first, self.last = (steps or [0, -1])
+        self.enabled = bool(steps) and is_main
+        self.remote = storage.is_url(run_dir)
+        self.target = storage.as_path(run_dir) / "profile"
+        self.local = None
+        self.active = False
+
+    def before(self, step: int) -> None:
+        """Called before running step `step` (1-based)."""
+        if self.enabled and step == self.first and not self.active:
+            import jax
+
+            self.local = tempfile.mkdtemp(prefix="ualm-profile-") if self.remote else str(self.target)
+            jax.profiler.start_trace(self.local)
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step >= self.last:
+            self.stop(state)
+
+    def stop(self, state=None) -> None:
+        if not self.active:
+            return
+        import jax
+
+        if state is not None:
+            jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        self.active = False
+        if self.remote:
+            storage.upload_tree(self.local, self.target)
+            shutil.rmtree(self.local, ignore_errors=True)
+        print(f"profile of steps {self.first}..{self.last}: {self.target}", flush=True)
+
+
+AUDIO_KEY = "_audio"  # a record's audio summaries: {"sample_rate", "clips": [(caption, wave)]}
+
+
+class WindowMeans:
+    """Each logged value is the mean over the steps since the previous log line (a key over the
+    steps that reported it: per-task losses only where the task had targets), not one step's
+    value; steps skipped as non-finite are left out of the means. `lr` is its last value, and the
+    last step's loss is kept as `loss_last`."""
+    LAST = ("lr",)
+
+    def __init__(self):
+        self.sums, self.counts, self.last = {}, {}, {}
+
+    def add(self, rec: dict) -> None:
+        if rec.get("skipped"):
+            return
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "skipped":
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                self.counts[k] = self.counts.get(k, 0) + 1
+                self.last[k] = v
+
+    def pop(self) -> dict:
+        out = {k: (self.last[k] if k in self.LAST else self.sums[k] / self.counts[k])
+               for k in self.sums}
+        if "loss" in self.last:
+            out["loss_last"] = self.last["loss"]
+        out["window_steps"] = max(self.counts.values(), default=0)
+        self.sums, self.counts, self.last = {}, {}, {}
+        return out
+
+
 class MetricsWriter:
     def __init__(self, run_dir, tensorboard: bool = True, is_main: bool = True,
-                 flush_seconds: float = 30.0):
+                 flush_seconds: float = 30.0, trackers=(), config: dict | None = None):
         self.is_main = is_main
+        self.wandb = _start_wandb(run_dir, config) if is_main and "wandb" in trackers else None
         self.remote = storage.is_url(run_dir)
         self.flush_seconds = flush_seconds if self.remote else 0.0
         self.log = storage.LineLog(storage.as_path(run_dir) / "metrics.jsonl", self.flush_seconds) \
@@ -46,7 +138,10 @@ class MetricsWriter:
     def write(self, record: dict, flush: bool = False) -> None:
         if not self.is_main:
             return
+        audio = record.pop(AUDIO_KEY, None)
         self.log.append(json.dumps(record))
+        if audio and audio.get("clips"):
+            self._audio(record["step"], audio)
         if self.tb is not None:
             step = record["step"]
             for k, v in record.items():
@@ -54,8 +149,25 @@ class MetricsWriter:
                     self.tb.add_scalar(k, v, step)
             if flush or time.monotonic() - self._tb_flushed >= self.flush_seconds:
                 self._flush_tb()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"
+                            and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                           step=int(record["step"]))
         if flush:
             self.log.flush()
+
+    def _audio(self, step: int, audio: dict) -> None:
+        """The in-loop generations as audio summaries (TensorBoard, W&B), captions as titles."""
+        sr = int(audio["sample_rate"])
+        for i, (caption, wave) in enumerate(audio["clips"]):
+            if self.tb is not None:
+                self.tb.add_audio(f"gen/{i}", wave, step, sample_rate=sr)
+                self.tb.add_text(f"gen/{i}", caption, step)
+            if self.wandb is not None:
+                import wandb
+
+                self.wandb.log({f"gen/{i}": wandb.Audio(wave, sample_rate=sr, caption=caption)},
+                               step=step)
 
     def _flush_tb(self) -> None:
         self.tb.flush()
@@ -74,14 +186,20 @@ class MetricsWriter:
                          if k.startswith("loss/") and not k.startswith("loss/stream"))
         tps = record.get("tokens_per_s")
         mfu = record.get("mfu")
-        print(f"step {step}/{total_steps} | loss {record['loss']:.4f}"
-              + (f" | {tasks}" if tasks else "")
-              + f" | gnorm {record['grad_norm']:.3f} | lr {record.get('lr', 0):.2e}"
+        nan = float("nan")
+        dpo = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f}"
+               if "reward_accuracy" in record else "")
+        print(f"step {step}/{total_steps} | loss {record.get('loss', nan):.4f}"
+              + (f" | {tasks}" if tasks else "") + dpo
+              + f" | gnorm {record.get('grad_norm', nan):.3f} | lr {record.get('lr', 0):.2e}"
               + (f" | {tps / 1e3:.1f}k tok/s" if tps else "")
               + (f" | mfu {mfu:.1%}" if mfu is not None else "")
               + f" | eta {_fmt_time(eta)}", flush=True)
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.log is not None:
             self.log.flush()
         if self.tb is not None:

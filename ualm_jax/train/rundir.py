@@ -54,8 +54,93 @@ def _get(d, dotted):
     return d
 
 
-def write_start_files(path, cfg, param_rows: list[dict], trainable: int) -> None:
-    (path / "config.yaml").write_text(cfg.to_yaml())
+HISTORY_DIR = "config_history"  # one file per config change: step_<N>.yaml (the config from step N)
+PROVENANCE_FILE = "provenance.jsonl"  # one line per start of the run
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict:
+    """{dotted key: (old, new)} of the values that differ."""
+    out = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[prefix + k] = (a, b)
+    return out
+
+
+def record_config(path, cfg, step: int) -> dict:
+    """Writes config.yaml. On a resume whose config differs from the saved one, the changed keys
+    are printed and the new config is also kept as config_history/step_<step>.yaml (the first
+    config goes there as step_0.yaml), so every value a run used is on record with the step it
+    took effect. Returns the changes."""
+    new_text = cfg.to_yaml()
+    old_file = path / "config.yaml"
+    changes = {}
+    if old_file.exists() and step > 0:
+        old = yaml.safe_load(old_file.read_text()) or {}
+        changes = config_changes(old, yaml.safe_load(new_text))
+        if changes:
+            history = path / HISTORY_DIR
+            history.mkdir(parents=True, exist_ok=True)
+            if not any(history.glob("step_*.yaml")):
+                (history / "step_0.yaml").write_text(old_file.read_text())
+            (history / f"step_{step}.yaml").write_text(new_text)
+            print(f"resuming at step {step} with a changed config (kept in {HISTORY_DIR}/step_"
+                  f"{step}.yaml): " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+                  flush=True)
+    old_file.write_text(new_text)
+    return changes
+
+
+def provenance(step: int) -> dict:
+    """What ran: command line, git commit, package versions, host, devices."""
+    import os
+    import platform
+    import socket
+    import subprocess
+    import sys
+    import time
+    from importlib import metadata
+
+    import jax
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    kinds: dict = {}
+    for d in jax.devices():
+        kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step,
+            "command": sys.argv, "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": None if git("rev-parse", "HEAD") is None else bool(git("status", "--porcelain")),
+            "versions": {n: version(n) for n in ("ualm-jax", "jax", "jaxlib", "flax", "optax",
+                                                 "orbax-checkpoint", "grain", "numpy")},
+            "python": platform.python_version(), "host": socket.gethostname(),
+            "process_count": jax.process_count(), "backend": jax.default_backend(),
+            "devices": kinds}
+
+
+def append_provenance(path, step: int) -> None:
+    f = path / PROVENANCE_FILE
+    old = f.read_text() if f.exists() else ""
+    f.write_text(old + json.dumps(provenance(step)) + "\n")
+
+
+def write_start_files(path, cfg, param_rows: list[dict], trainable: int, step: int = 0) -> None:
+    record_config(path, cfg, step)
+    append_provenance(path, step)
     total = sum(r["count"] for r in param_rows)
     lines = ["name\tshape\tdtype\tlogical_axes\tmesh_sharding\tcount"]
     for r in param_rows:

@@ -99,7 +99,6 @@ class SyntheticStream:
         else:  # t2a
             add([V.USER, V.TEXT] + self._text(words) + [V.EOS], 0.0)
             add([V.ASSISTANT, V.AUDIO], self.header_w)
-            t = 2 * n
             codes = np.stack([(np.repeat(words, 2) * (j + 1) + j) % vb.codebook_size
                               for j in range(vb.num_codebooks)], axis=1)
             delayed = apply_delay(vb.codes_to_joint(codes), vb.codebook_pads())
