@@ -33,7 +33,7 @@ demo: venv
 
 # pytest exits 5 when no test was collected (e.g. a -k that matches nothing): not a failure.
 test: venv
-	$(CPU8) $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	$(CPU8) $(VENV)/bin/python -m pytest tests --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The unit tests only (tests/unit/, about 2 minutes on 2 cores); `make test` runs everything.

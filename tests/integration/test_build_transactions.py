@@ -305,7 +305,7 @@ def test_interrupted_rebuild_leaves_the_old_build(world, monkeypatch):
     assert (out / "notes.txt").read_text() == "kept beside the build"
     assert not (out / INCOMPLETE_FILE).exists() and siblings(out) == []
     assert sorted(os.listdir(out)) == ["build_report.json", "notes.txt", "stats.json",
-                                       "ualm_text_sft"]
+                                       "tokenizer.json", "ualm_text_sft"]
 
     # 5. OUT given as a link: the build lands where it points, the link stays a link
     link = root / "out_txn_link"

@@ -255,8 +255,13 @@ def test_import_hf_into_the_bucket_then_train_from_it(gcs, bucket, tmp_path):
     assert {"imported/config.yaml", "imported/import_report.json",
             "imported/checkpoints/0/commit_success.txt"} <= set(names)
     imported = load_params(url)
-    cfg = load_config(None, BASE + ["train.steps=1", "model.text_vocab_size=300", f"train.init_from={url}",
-                                    "optim.learning_rate=0"])
+    over = BASE + ["train.steps=1", "model.text_vocab_size=300", f"train.init_from={url}",
+                   "optim.learning_rate=0"]
+    # The import has no audio encoder (none was asked for): a run with one is refused by name.
+    with pytest.raises(ConfigError, match=r"train.init_from=.* holds checkpoints of another model: .*"
+                                          r"model.audio_encoder.enabled was False, now True"):
+        train(load_config(None, over), tmp_path / "refused")
+    cfg = load_config(None, over + ["model.audio_encoder.enabled=false"])
     out = train(cfg, tmp_path / "run")["state"]["params"]
     q = ("decoder", "layers", "self_attn", "q_proj", "kernel")
     a, b = imported, out

@@ -3,17 +3,14 @@ path works in README order from a fresh checkout at toy sizes (configs copied in
 folder; nothing built before `ualm demo`), `ualm demo` end to end included (the plumbing; the
 README states the numbers of the full-size run)."""
 import json
-import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from paths import REPO
-from ualm_jax.cli import build_parser, parse_args
+from ualm_jax.cli import build_parser, main, parse_args
 
 
 def readme_commands() -> list[list[str]]:
@@ -46,18 +43,28 @@ def test_every_readme_command_parses():
             pytest.fail(f"README command `ualm {' '.join(argv)}` does not parse (exit {e.code})")
 
 
-def ualm(cwd, *args, timeout=900):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "ualm_jax.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=timeout)
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def ualm(capsys, monkeypatch):
+    """Runs `ualm ARGS` in this process (8 CPU devices, as `make`) from the folder `cwd`."""
+    def run(cwd, *args):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return Result(rc, out.out, out.err)
+    return run
 
 
 TOY = ["train.log_every=1", "train.tensorboard=false", "train.eval_batches=1"]
 
 
 @pytest.mark.slow
-def test_readme_order_from_a_fresh_checkout(tmp_path):
+def test_readme_order_from_a_fresh_checkout(tmp_path, ualm):
     clone = tmp_path / "clone"
     shutil.copytree(REPO / "configs", clone / "configs")
     # Before the demo built anything: one line that says what to run first.

@@ -13,5 +13,5 @@ def test_window_means_average_the_steps_since_the_last_line():
     assert out["loss"] == pytest.approx(3.0) and out["grad_norm"] == pytest.approx(3.0)
     assert out["loss/text"] == pytest.approx(1.0)  # over the steps that reported it
     assert out["lr"] == 0.3 and out["loss_last"] == 4.0 and out["window_steps"] == 2
-    assert "skipped" not in out
-    assert w.pop() == {"window_steps": 0}  # emptied
+    assert out["skipped"] == 1
+    assert w.pop() == {"window_steps": 0, "skipped": 0}  # emptied

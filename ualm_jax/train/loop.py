@@ -113,6 +113,7 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
             train_iter.set_state(data_lib.local_data_state(data_state))
         print(f"resumed from step {start} ({ckpt.directory})", flush=True)
     elif t.init_from:
+        rundir.check_same_model(t.init_from, cfg, f"train.init_from={t.init_from}")
         params = load_params(t.init_from, info["params"], shardings["params"])
         state, start = state_from_params(tx, params, shardings), 0
         print(f"initialised parameters from {t.init_from}", flush=True)

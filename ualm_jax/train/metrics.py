@@ -84,15 +84,16 @@ AUDIO_KEY = "_audio"  # a record's audio summaries: {"sample_rate", "clips": [(c
 class WindowMeans:
     """Each logged value is the mean over the steps since the previous log line (a key over the
     steps that reported it: per-task losses only where the task had targets), not one step's
-    value; steps skipped as non-finite are left out of the means. `lr` is its last value, and the
-    last step's loss is kept as `loss_last`."""
+    value; steps skipped as non-finite are left out of the means and counted in `skipped`. `lr` is
+    its last value, and the last step's loss is kept as `loss_last`."""
     LAST = ("lr",)
 
     def __init__(self):
-        self.sums, self.counts, self.last = {}, {}, {}
+        self.sums, self.counts, self.last, self.skipped = {}, {}, {}, 0
 
     def add(self, rec: dict) -> None:
         if rec.get("skipped"):
+            self.skipped += 1
             return
         for k, v in rec.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "skipped":
@@ -106,7 +107,8 @@ class WindowMeans:
         if "loss" in self.last:
             out["loss_last"] = self.last["loss"]
         out["window_steps"] = max(self.counts.values(), default=0)
-        self.sums, self.counts, self.last = {}, {}, {}
+        out["skipped"] = self.skipped  # steps of the window skipped as non-finite
+        self.sums, self.counts, self.last, self.skipped = {}, {}, {}, 0
         return out
 
 

@@ -31,8 +31,10 @@ def check_free_disk(path, checkpoint_bytes: int, factor: float) -> None:
             f"{need / 2**30:.2f} GiB; free space or lower the factor")
 
 
-def check_same_model(path, cfg) -> None:
-    """Resuming with another model shape fails here, naming the keys, not deep inside Orbax."""
+def check_same_model(path, cfg, what: str | None = None) -> None:
+    """Resuming (or starting from train.init_from) with another model shape fails here, naming
+    the keys, not deep inside Orbax. `what` names the source in the message."""
+    path = storage.as_path(path)
     old_file = path / "config.yaml"
     if not old_file.exists() or not any((path / "checkpoints").glob("*")):
         return
@@ -44,7 +46,7 @@ def check_same_model(path, cfg) -> None:
     diff = [k for k in keys if "." not in k and k in old and old[k] != new[k]]
     diff += [k for k in keys if "." in k and _get(old, k) != _get(new, k)]
     if diff:
-        raise ConfigError(f"run dir {path} holds checkpoints of another model: "
+        raise ConfigError(f"{what or f'run dir {path}'} holds checkpoints of another model: "
                           + ", ".join(f"model.{k} was {_get(old, k)!r}, now {_get(new, k)!r}" for k in diff))
 
 
