@@ -121,6 +121,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype:
         raise FileNotFoundError(f"{config_path} is missing: the checkpoint's run config is needed "
                                 "to name and shape the tensors")
     cfg = load_config(config_path)
+    print(f"export: reading step {step} of {checkpoint} ...", flush=True)  # the long phases
     params = load_params(ckpts / str(step), verify=False)  # checked above
     if fmt == "ualm-reference":  # a layout of its own (convert/reference.py)
         from ualm_jax.convert.reference import export_reference
@@ -138,6 +139,8 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pytorch", dtype:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     out_dtype = str(next(iter(tensors.values())).dtype)
 
+    print(f"export: writing {len(tensors)} tensors "
+          f"({sum(v.nbytes for v in tensors.values()) / 2**30:.2f} GiB, {out_dtype}) ...", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:

@@ -3,7 +3,8 @@
     <bos> { <role> <modality> CONTENT (<eos> | <eot>) }*
 
 `<eot>` closes a segment when the next segment has the same role (a turn that continues in another
-modality), otherwise `<eos>`. Conventions shared with `ualm_jax.train.synthetic`:
+modality), otherwise `<eos>`. Conventions of every producer of the batch contract
+(`ualm_jax/format/batch.py`; the synthetic stream follows them too):
   * tokens [L, K] int32: text/special ids in stream 0 (other streams 0); at audio positions stream k
     holds codebook k's joint ids, delayed by k frames (T frames -> T+K-1 positions, ramp = pad ids).
   * loss_weights [L, K] float32 sit ON THE TARGET token (the weight of predicting tokens[t] from t-1):

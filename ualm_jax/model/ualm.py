@@ -4,9 +4,9 @@
 embeddings + one head over the joint vocabulary) lives in `loss.py` / `stream_logits` so the loss
 can compute logits per stream and per sequence chunk without materialising [B, L, K, V].
 
-Batch contract (see ARCHITECTURE.md): tokens [B,L,K] int32, segment_ids [B,L], positions [B,L],
-optionally audio_features [B,F,T_mel,n_mels] (+ audio_mel_mask [B,F,T_mel]) with
-audio_slots [B,L] int32 = index into the F*T_frames adapter outputs of that row, -1 elsewhere.
+Reads the batch contract (ualm_jax/format/batch.py): tokens, segment_ids, positions and, with an
+audio encoder, audio_features / audio_mel_mask / audio_slots (slot = index into the row's
+F*T_frames adapter outputs, -1 elsewhere; ualm_jax/format/layout.py).
 """
 from __future__ import annotations
 
