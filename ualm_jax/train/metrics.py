@@ -84,19 +84,20 @@ AUDIO_KEY = "_audio"  # a record's audio summaries: {"sample_rate", "clips": [(c
 class WindowMeans:
     """Each logged value is the mean over the steps since the previous log line (a key over the
     steps that reported it: per-task losses only where the task had targets), not one step's
-    value; steps skipped as non-finite are left out of the means and counted in `skipped`. `lr` is
-    its last value, and the last step's loss is kept as `loss_last`."""
+    value; non-finite values (a skipped step's NaN loss) are left out of the means, and steps
+    skipped as non-finite are counted in `skipped`. `lr` is its last value, and the last step's
+    loss is kept as `loss_last`."""
     LAST = ("lr",)
 
     def __init__(self):
-        self.sums, self.counts, self.last, self.skipped = {}, {}, {}, 0
+        self.sums, self.counts, self.last, self.skipped, self.steps = {}, {}, {}, 0, 0
 
     def add(self, rec: dict) -> None:
-        if rec.get("skipped"):
-            self.skipped += 1
-            return
+        self.steps += 1
+        self.skipped += int(bool(rec.get("skipped")))
         for k, v in rec.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "skipped":
+            if (isinstance(v, (int, float)) and not isinstance(v, bool) and k != "skipped"
+                    and math.isfinite(v)):
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
                 self.counts[k] = self.counts.get(k, 0) + 1
                 self.last[k] = v
@@ -106,9 +107,9 @@ class WindowMeans:
                for k in self.sums}
         if "loss" in self.last:
             out["loss_last"] = self.last["loss"]
-        out["window_steps"] = max(self.counts.values(), default=0)
+        out["window_steps"] = self.steps
         out["skipped"] = self.skipped  # steps of the window skipped as non-finite
-        self.sums, self.counts, self.last, self.skipped = {}, {}, {}, 0
+        self.sums, self.counts, self.last, self.skipped, self.steps = {}, {}, {}, 0, 0
         return out
 
 
