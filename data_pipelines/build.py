@@ -335,34 +335,34 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
 
 # Reading back -------------------------------------------------------------------------------------
 def _dataset_dir(out_dir: str) -> str:
-    import json
-
-    from data_pipelines.builders.common import _open
-
-    path = _join(os.fspath(out_dir), REPORT_FILE)
-    if not _exists(path):
+    report = read_report(out_dir)
+    if report is None:
         raise FileNotFoundError(f"no {REPORT_FILE} in {out_dir}: not a build output folder (build "
                                 f"it first: `ualm data build KIND --manifest M --out {out_dir}`; the "
                                 "demo's datasets are built by `make demo`)")
-    with _open(path, "r") as f:
-        rel = json.load(f).get("dataset_dir")
+    rel = report.get("dataset_dir")
     if rel is None:
         raise ValueError(f"the build in {out_dir} wrote no records (see {REPORT_FILE})")
     return _join(os.fspath(out_dir), rel)
 
 
-def build_artefacts(out_dir: str) -> dict:
-    """{"tokenizer": path of the build's tokenizer copy or None, "codec": the codec it was built
-    with or None} of a build folder."""
+def read_report(out_dir: str) -> dict | None:
+    """A build folder's build_report.json, or None when it has none."""
     import json
 
     from data_pipelines.builders.common import _open
 
     path = _join(os.fspath(out_dir), REPORT_FILE)
     if not _exists(path):
-        return {"tokenizer": None, "codec": None}
+        return None
     with _open(path, "r") as f:
-        report = json.load(f)
+        return json.load(f)
+
+
+def build_artefacts(out_dir: str) -> dict:
+    """{"tokenizer": path of the build's tokenizer copy or None, "codec": the codec it was built
+    with or None} of a build folder."""
+    report = read_report(out_dir) or {}
     tok = report.get("tokenizer")
     return {"tokenizer": _join(os.fspath(out_dir), tok) if tok else None,
             "codec": report.get("codec")}
@@ -371,15 +371,7 @@ def build_artefacts(out_dir: str) -> dict:
 def build_settings(out_dir: str) -> dict:
     """The builder settings a build recorded (its report's `settings`: kind, task, n_mels,
     text_vocab_size, num_codebooks, codebook_size, ...); {} for a build without them."""
-    import json
-
-    from data_pipelines.builders.common import _open
-
-    path = _join(os.fspath(out_dir), REPORT_FILE)
-    if not _exists(path):
-        return {}
-    with _open(path, "r") as f:
-        return json.load(f).get("settings") or {}
+    return (read_report(out_dir) or {}).get("settings") or {}
 
 
 def check_build_matches_model(out_dir: str, model_cfg, where: str) -> None:

@@ -35,7 +35,7 @@ def _build(args) -> int:
 
     import tensorflow_datasets as tfds
 
-    from ualm_jax import storage
+    import ualm_jax.storage as storage
 
     tfds.disable_progress_bar()  # one summary line instead of TFDS's per-shard bars
     remote = storage.is_url(args.out)

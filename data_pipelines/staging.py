@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 
 REPORT_FILE = "build_report.json"  # written last: its presence marks a complete build
 STAGED_MARKER = ".staged.json"

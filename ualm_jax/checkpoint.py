@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 
 
 class _QuietOrbax:

@@ -6,7 +6,8 @@ import errno
 import os
 import sys
 
-from ualm_jax import __version__, sigterm
+import ualm_jax.sigterm as sigterm
+from ualm_jax import __version__
 from ualm_jax.cli_args import add_checkpoint, add_overrides
 from ualm_jax.config import ConfigError
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 from ualm_jax.model.presets import PRESETS
 
 

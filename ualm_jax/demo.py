@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 
 DEMO_CONFIG = "configs/demo.yaml"
 CFG_SCALES = (1.0, 1.5, 3.0)  # text-to-audio guidance lambdas evaluated (1 = no guidance)

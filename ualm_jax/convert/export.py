@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 from ualm_jax.checkpoint import load_params, resolve
 from ualm_jax.config import load_config
 from ualm_jax.convert.export_files import (MANIFEST, commit_export, copy_tokenizer, qwen2_config,

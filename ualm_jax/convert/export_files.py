@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 
 # What a HF tokenizer folder may hold; copied into an hf-text export.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 from ualm_jax.checkpoint import save_params
 from ualm_jax.config import Config
 from ualm_jax.convert.hf_files import HFTensors, read_config

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 
 
 def _rows_orbax(path) -> tuple[str, list[tuple]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 from ualm_jax.eval.metrics import MetricResult
 
 WORLD_JUDGE = "world-analyser(data_pipelines.demo_world.analyser, DSP)"

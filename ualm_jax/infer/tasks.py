@@ -20,6 +20,7 @@ import numpy as np
 from ualm_jax.checkpoint import load_params, resolve
 from ualm_jax.cli_args import add_overrides
 from ualm_jax.config import ConfigError, load_config
+from ualm_jax.train.rundir import check_same_model
 from ualm_jax.infer.decode import GenerationConfig, Generator, audio_codes, generate
 from ualm_jax.format import vocab as V
 from ualm_jax.format.layout import AudioLayout, encoder_positions
@@ -57,25 +58,12 @@ def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None
     model.attention=xla); shape-defining model keys may not change."""
     config_path, ckpts, step = resolve(checkpoint)  # checks the step's checksums first
     cfg = load_config(config_path, list(overrides))
-    if overrides:
-        _refuse_shape_changes(load_config(config_path), cfg, overrides)
+    if overrides:  # the schema's shape fields may not change (the resume check, reused)
+        check_same_model(config_path.parent, cfg,
+                         f"{checkpoint} (with overrides {' '.join(overrides)})")
     m = from_params(cfg, load_params(ckpts / str(step), verify=False), tokenizer, codec)
     m.checkpoint, m.step = str(checkpoint), int(step)
     return m
-
-
-def _refuse_shape_changes(saved, cfg, overrides) -> None:
-    from ualm_jax.config import shape_keys
-
-    def get(c, dotted):
-        for k in dotted.split("."):
-            c = getattr(c, k)
-        return c
-
-    changed = [k for k in shape_keys() if get(saved.model, k) != get(cfg.model, k)]
-    if changed:
-        raise ConfigError(f"overrides {' '.join(overrides)} change model.{changed[0]}, which "
-                          "defines the checkpoint's parameter shapes")
 
 
 def add_generation_args(p, sampling: bool = True) -> None:

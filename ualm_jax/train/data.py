@@ -9,7 +9,7 @@ import threading
 import jax
 import numpy as np
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 from ualm_jax.format.batch import BatchIterator, check_batch
 from ualm_jax.sharding import batch_sharding
 from ualm_jax.train.synthetic import TASKS, stream_for_model

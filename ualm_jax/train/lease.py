@@ -21,7 +21,7 @@ import time
 
 import jax
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 from ualm_jax.config import ConfigError
 
 LEASE_FILE = ".lease.json"

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from ualm_jax import sigterm
+import ualm_jax.sigterm as sigterm
 from ualm_jax.checkpoint import Checkpointer, load_params
 from ualm_jax.config import Config
 from ualm_jax.format.batch import host_batch_spec

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 
 
 def _fmt_time(s: float) -> str:

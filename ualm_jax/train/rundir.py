@@ -6,7 +6,7 @@ import json
 import numpy as np
 import yaml
 
-from ualm_jax import storage
+import ualm_jax.storage as storage
 from ualm_jax.config import ConfigError, shape_keys
 from ualm_jax.model.flops import FORMULA, decoder_flops_per_token, encoder_window_flops
 
@@ -121,12 +121,13 @@ def provenance(step: int) -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
 
+    commit = git("rev-parse", "HEAD")
     kinds: dict = {}
     for d in jax.devices():
         kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step,
-            "command": sys.argv, "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": None if git("rev-parse", "HEAD") is None else bool(git("status", "--porcelain")),
+            "command": sys.argv, "git_commit": commit,
+            "git_dirty": None if commit is None else bool(git("status", "--porcelain")),
             "versions": {n: version(n) for n in ("ualm-jax", "jax", "jaxlib", "flax", "optax",
                                                  "orbax-checkpoint", "grain", "numpy")},
             "python": platform.python_version(), "host": socket.gethostname(),
