@@ -525,8 +525,22 @@ def open_source(out_dir: str, split: str = "train") -> RecordSource:
                         where=str(builder.data_dir))
 
 
-def open_tf_dataset(out_dir: str, split: str = "train"):
-    """A tf.data.Dataset of the records of a TFRecord build (the SeqIO path)."""
+def build_splits(out_dir: str) -> tuple[str, dict]:
+    """(file format, {split: records}) of a build, from its TFDS metadata."""
     import tensorflow_datasets as tfds
 
-    return tfds.builder_from_directory(_dataset_dir(out_dir)).as_dataset(split=split)
+    info = tfds.builder_from_directory(_dataset_dir(out_dir)).info
+    fmt = getattr(info.file_format, "value", info.file_format) or "tfrecord"
+    return str(fmt), {name: int(s.num_examples) for name, s in info.splits.items()}
+
+
+def open_tf_dataset(out_dir: str, split: str = "train"):
+    """A tf.data.Dataset of the records of a TFRecord build (the SeqIO path), in stored order
+    (files one after another: the order ArrayRecord's random access numbers them in)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(_dataset_dir(out_dir))
+    if split not in builder.info.splits:
+        raise KeyError(f"no split {split!r} in {out_dir}; built: {list(builder.info.splits.keys())}")
+    return builder.as_dataset(split=split, shuffle_files=False,
+                              read_config=tfds.ReadConfig(interleave_cycle_length=1))

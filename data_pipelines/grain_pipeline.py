@@ -296,44 +296,33 @@ def fill_batch(builder: BatchBuilder, waiting: list, read, lookahead: int):
     return left, placed, exhausted
 
 
-class PackedIterator:
-    """Checkpointable iterator of packed host batches over a random-access stream of Rendered
-    (see fill_batch). State: next stream index + indices of the waiting examples + counters."""
+class Packer:
+    """First-fit packing of a stream of Rendered examples into this process's host batches (see
+    fill_batch), skipping and counting examples that can never fit a row. Subclasses say where
+    examples come from (`_fetch`) and how the position is saved (`get_state`/`set_state`)."""
 
     per_host = True  # batches are this process's rows already: the trainer must not slice them
 
-    def __init__(self, stream: grain.MapDataset, batch_size: int, seq_len: int, k: int,
-                 layout: AudioLayout, lookahead: int, read_threads: int = 0,
-                 prefetch: int = 0, task_names: Sequence[str] = (), fingerprint: Optional[dict] = None):
-        self.stream, self.batch_size, self.seq_len, self.k = stream, batch_size, seq_len, k
+    def __init__(self, batch_size: int, seq_len: int, k: int, layout: AudioLayout, lookahead: int,
+                 task_names: Sequence[str] = (), fingerprint: Optional[dict] = None):
+        self.batch_size, self.seq_len, self.k = batch_size, seq_len, k
         self.layout, self.lookahead = layout, max(1, int(lookahead))
-        self.read_threads, self.prefetch = int(read_threads), int(prefetch)
         self.task_names = tuple(task_names)
         self.fingerprint = dict(fingerprint or {})
-        self.report: list = []  # mixture_report rows, set by make_iterator
+        self.report: list = []  # per-task rows for `mixture inspect`, set by the builder
         self.weights: dict = {}
-        self._next = 0
         self._pending: list = []
-        self._reader = None
         self.max_consecutive_skips = 100_000  # then the config, not the data, is wrong: say so
         self.counts = {"batches": 0, "examples": 0, "skipped_too_long": 0,
                        "skipped_too_many_clips": 0}
 
-    # Reading ------------------------------------------------------------------------------------
     def _fetch(self) -> Rendered:
-        if self.read_threads <= 0:  # random access: the fastest path on small hosts
-            return self.stream[self._next]
-        if self._reader is None:
-            opts = grain.ReadOptions(num_threads=self.read_threads,
-                                     prefetch_buffer_size=self.prefetch)
-            self._reader = iter(self.stream[self._next:].to_iter_dataset(opts))
-        return next(self._reader)
+        """The next example of the stream (StopIteration at the end of a finite one)."""
+        raise NotImplementedError
 
     def _read(self) -> Rendered:
         for _ in range(self.max_consecutive_skips):
             e = self._fetch()
-            e.index = self._next
-            self._next += 1
             if len(e) > self.seq_len:
                 self._skip("skipped_too_long", e, f"{len(e)} tokens > seq_len {self.seq_len}")
             elif len(e.clips) > (self.layout.max_clips if self.layout.enabled else 0):
@@ -352,16 +341,55 @@ class PackedIterator:
             log.warning("skipped an example of %s (%s); %d skipped so far", name, why,
                         self.counts[counter])
 
-    # Iterator protocol -----------------------------------------------------------------------------
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         b = BatchBuilder(self.batch_size, self.seq_len, self.k, self.layout)
-        self._pending, placed, _ = fill_batch(b, self._pending, self._read, self.lookahead)
+        self._pending, placed, exhausted = fill_batch(b, self._pending, self._read, self.lookahead)
+        if exhausted and not placed and not self._pending:
+            raise StopIteration  # a finite stream has ended (training streams repeat)
         self.counts["batches"] += 1
         self.counts["examples"] += placed
         return b.finish()
+
+    def _check_fingerprint(self, state: Mapping) -> None:
+        saved = dict(state.get("fingerprint", {}))
+        for key, value in self.fingerprint.items():
+            if key in saved and saved[key] != value:
+                raise ValueError(f"data iterator state was saved with {key}={saved[key]!r} but "
+                                 f"this pipeline has {key}={value!r}: resuming would not continue "
+                                 f"the same stream")
+
+    def stats(self) -> dict:
+        return dict(self.counts)
+
+
+class PackedIterator(Packer):
+    """Checkpointable iterator of packed host batches over a random-access stream of Rendered.
+    State: next stream index + indices of the waiting examples + counters."""
+
+    def __init__(self, stream: grain.MapDataset, batch_size: int, seq_len: int, k: int,
+                 layout: AudioLayout, lookahead: int, read_threads: int = 0,
+                 prefetch: int = 0, task_names: Sequence[str] = (), fingerprint: Optional[dict] = None):
+        super().__init__(batch_size, seq_len, k, layout, lookahead, task_names, fingerprint)
+        self.stream = stream
+        self.read_threads, self.prefetch = int(read_threads), int(prefetch)
+        self._next = 0
+        self._reader = None
+
+    def _fetch(self) -> Rendered:
+        if self.read_threads <= 0:  # random access: the fastest path on small hosts
+            e = self.stream[self._next]
+        else:
+            if self._reader is None:
+                opts = grain.ReadOptions(num_threads=self.read_threads,
+                                         prefetch_buffer_size=self.prefetch)
+                self._reader = iter(self.stream[self._next:].to_iter_dataset(opts))
+            e = next(self._reader)
+        e.index = self._next
+        self._next += 1
+        return e
 
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "next_index": self._next,
@@ -372,12 +400,7 @@ class PackedIterator:
         if int(state.get("version", -1)) != STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')!r} is not "
                              f"{STATE_VERSION}")
-        saved = dict(state.get("fingerprint", {}))
-        for key, value in self.fingerprint.items():
-            if key in saved and saved[key] != value:
-                raise ValueError(f"data iterator state was saved with {key}={saved[key]!r} but "
-                                 f"this pipeline has {key}={value!r}: resuming would not continue "
-                                 f"the same stream")
+        self._check_fingerprint(state)
         self._next = int(state["next_index"])
         self._reader = None
         self._pending = []
@@ -386,9 +409,6 @@ class PackedIterator:
             e.index = int(i)
             self._pending.append(e)
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})
-
-    def stats(self) -> dict:
-        return dict(self.counts)
 
 
 # Building the pipeline ----------------------------------------------------------------------------
@@ -435,14 +455,15 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
     means = mix.resolve_mean_tokens(entries, sources, fits, mean_tokens, estimate_records)
     weights = mix.sampling_weights(entries, means)
     active = [i for i, e in enumerate(entries) if weights[e.name] > 0]
+    shuffle = bool(_get(cfg_data, "shuffle", True))
     datasets = [task_dataset(sources[entries[i].name], renderers[i], seed, process_index,
-                             process_count) for i in active]
+                             process_count, shuffle) for i in active]
     stream = grain.MapDataset.select_from_datasets(
         datasets, WeightedInterleave([weights[names[i]] for i in active]))
     k = max(vocab.num_codebooks, 1)
     fingerprint = {"tasks": names, "seed": int(seed), "split": split, "batch_size": int(batch_size),
                    "seq_len": int(seq_len), "process_index": int(process_index),
-                   "process_count": int(process_count)}
+                   "process_count": int(process_count), "shuffle": shuffle}
     it = PackedIterator(stream, batch_size, seq_len, k, layout,
                         lookahead if lookahead is not None else max(4, 2 * batch_size),
                         read_threads=int(_get(cfg_data, "read_threads", 0) or 0),

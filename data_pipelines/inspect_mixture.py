@@ -54,33 +54,87 @@ def render_row(batch: dict, row: int, task_names, vocab, detok=None) -> str:
     return "\n".join(out)
 
 
+def examples_per_task(batches, n_tasks: int) -> list[int]:
+    """Packed examples of each task id over host batches (one per segment of a row)."""
+    out = [0] * n_tasks
+    for b in batches:
+        seg, tasks = np.asarray(b["segment_ids"]), np.asarray(b["task_ids"])
+        first = (seg > 0) & np.concatenate([np.ones_like(seg[:, :1], bool),
+                                           seg[:, 1:] != seg[:, :-1]], axis=1)
+        for t in tasks[first]:
+            if 0 <= t < n_tasks:
+                out[int(t)] += 1
+    return out
+
+
+def _seqio_rows(cfg, it, taken, realised) -> list[dict]:
+    """Report rows for data.source=seqio: examples from the sources (when they say), mean tokens
+    as packed, target shares for our builds' Mixture (a user's Mixture has example rates)."""
+    from data_pipelines.seqio_pipeline import resolve
+
+    _, tasks, rates, _, names = resolve(cfg)
+    targets = (mix.target_shares(mix.parse_mixture(cfg.data.mixture))
+               if cfg.data.mixture and not cfg.data.seqio.mixture else {})
+    packed = examples_per_task(taken, len(names))
+    by_name = {t.name: (t, r) for t, r in zip(tasks, rates)}
+    rows = []
+    for i, name in enumerate(names):
+        task, rate = by_name.get(name, (None, 0.0))
+        examples = next((r["examples"] for r in it.report if r["name"] == name), None)
+        tokens = realised["tokens"].get(name, 0)
+        mean = tokens / packed[i] if packed[i] else float("nan")
+        held = None
+        if task is not None and "validation" in task.splits:
+            try:
+                held = task.num_input_examples("validation")
+            except Exception:  # a source that cannot say
+                held = None
+        rows.append({"name": name, "path": "", "examples": examples,
+                     "validation_examples": held, "mean_tokens": mean,
+                     "tokens_available": (int(round(examples * mean)) if examples and packed[i]
+                                          else None),
+                     "target_share": targets.get(name), "sampling_weight": rate})
+    return rows
+
+
 def inspect_mixture(cfg, batches: int = 20, row: int = 0) -> dict:
-    """Measure the mixture of `cfg.data.mixture` (train split, the whole data as one process)."""
+    """Measure the mixture of `cfg.data.mixture` (Grain) or of the SeqIO source (train split, the
+    whole data as one process)."""
     from ualm_jax.format.vocab import JointVocab
 
-    if cfg.data.source != "mixture":
+    if cfg.data.source not in ("mixture", "seqio"):
         raise ValueError(f"data.source={cfg.data.source!r}: `mixture inspect` needs "
-                         "data.source=mixture with data.mixture entries")
+                         "data.source=mixture (or seqio) with data.mixture entries or "
+                         "data.seqio.mixture")
     if batches < 1:
         raise ValueError(f"--batches must be at least 1, got {batches}")
-    it = make_config_iterator(cfg, "train", process_index=0, process_count=1)
+    if cfg.data.source == "seqio":
+        from data_pipelines.seqio_pipeline import make_seqio_iterator
+
+        it = make_seqio_iterator(cfg, "train", process_index=0, process_count=1)
+    else:
+        it = make_config_iterator(cfg, "train", process_index=0, process_count=1)
     names = list(it.task_names)
     taken = [next(it) for _ in range(batches)]
     realised = realised_shares(iter(taken), batches, names)
     t = cfg.train
     run_tokens = mix.run_tokens(t.steps, t.batch_size, t.seq_len)
     used = run_tokens * realised["packing_efficiency"]
+    if cfg.data.source == "seqio":
+        rows = _seqio_rows(cfg, it, taken, realised)
+    else:
+        rows = [{**r, "validation_examples": _held_out_examples(
+            local_build_dir(r["path"], cfg.data.stage_dir))} for r in it.report]
     tasks = []
-    for r in it.report:
+    for r in rows:
         share = realised["shares"].get(r["name"], 0.0)
         avail = r["tokens_available"]
-        tasks.append({**r, "validation_examples": _held_out_examples(
-            local_build_dir(r["path"], cfg.data.stage_dir)),
-                      "realised_share": share,
-                      "epochs": used * share / avail if avail else float("inf")})
+        tasks.append({**r, "realised_share": share,
+                      "epochs": (used * share / avail if avail else float("inf"))
+                      if avail is not None else None})
     vocab = JointVocab.from_model_config(cfg.model)
-    return {"batches": batches, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "steps": t.steps, "run_tokens": run_tokens,
+    return {"source": cfg.data.source, "batches": batches, "batch_size": t.batch_size,
+            "seq_len": t.seq_len, "steps": t.steps, "run_tokens": run_tokens,
             "packing_efficiency": realised["packing_efficiency"],
             "counts": it.stats(), "tasks": tasks,
             "example": render_row(taken[0], row, names, vocab, _detokenizer(cfg))}
@@ -89,18 +143,27 @@ def inspect_mixture(cfg, batches: int = 20, row: int = 0) -> dict:
 def format_inspect(result: dict) -> str:
     head = ("task", "examples", "held-out", "mean tok", "tokens", "target", "realised", "epochs")
     lines = [head]
+
+    def num(v, fmt="{:,}"):
+        return "-" if v is None or v != v else fmt.format(v)
+
     for r in result["tasks"]:
-        held = r["validation_examples"]
-        lines.append((r["name"], f"{r['examples']:,}", "-" if held is None else f"{held:,}",
-                      f"{r['mean_tokens']:.1f}", f"{r['tokens_available']:,}",
-                      f"{100 * r['target_share']:.1f}%", f"{100 * r['realised_share']:.1f}%",
-                      f"{r['epochs']:.3g}"))
+        target = r["target_share"]
+        lines.append((r["name"], num(r["examples"]), num(r["validation_examples"]),
+                      num(r["mean_tokens"], "{:.1f}"), num(r["tokens_available"]),
+                      num(None if target is None else 100 * target, "{:.1f}%"),
+                      f"{100 * r['realised_share']:.1f}%", num(r["epochs"], "{:.3g}")))
     widths = [max(len(str(line[c])) for line in lines) for c in range(len(head))]
     table = "\n".join("  ".join(str(v).rjust(w) if c else str(v).ljust(w)
                                 for c, (v, w) in enumerate(zip(line, widths))) for line in lines)
     c = result["counts"]
-    return "\n".join([
-        f"mixture over {result['batches']} batches of {result['batch_size']} x {result['seq_len']}; "
+    rates = ""
+    if any(r["target_share"] is None for r in result["tasks"]):
+        rates = "example rates (the SeqIO Mixture's own): " + ", ".join(
+            f"{r['name']} {r['sampling_weight']:.4f}" for r in result["tasks"])
+    return "\n".join(([rates] if rates else []) + [
+        f"{'SeqIO ' if result.get('source') == 'seqio' else ''}mixture over {result['batches']} "
+        f"batches of {result['batch_size']} x {result['seq_len']}; "
         f"epochs at train.steps={result['steps']} ({result['run_tokens']:,} positions)",
         table,
         f"packing efficiency {100 * result['packing_efficiency']:.1f}% | skipped: "

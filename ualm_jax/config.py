@@ -361,9 +361,37 @@ def parse_mixture(entries, prefix: str = "data.mixture") -> list[MixtureEntry]:
 
 
 @dataclass
+class SeqioConfig:
+    """`data.source=seqio`: a registered seqio Mixture or Task (data_pipelines/seqio_pipeline.py).
+    Empty `mixture`: the `data.mixture` entries, registered as Tasks under their entry names and
+    mixed by the token-share weights (the Grain path's weights and interleave)."""
+
+    mixture: str = ""  # a registered seqio.Mixture or Task name (its own rates are kept)
+    # Python modules imported first to register the user's Tasks/Mixtures (as T5X's gin imports
+    # do); imported AFTER the data.mixture builds are registered, so their Mixtures may name them.
+    modules: list = field(default_factory=list)
+    # Each task's shuffle buffer (records) for the data.mixture tasks: the tf.data state in every
+    # checkpoint holds these buffers, so their size is the checkpoint's data cost.
+    shuffle_buffer: int = 256
+    # The tf.data iterator is serialised every N batches (a checkpoint replays at most ~N batches
+    # of examples from the newest snapshot); 1 = every batch, the most serialisation work.
+    snapshot_every: int = 4
+
+    def validate(self, prefix: str = "data.seqio") -> None:
+        for i, m in enumerate(self.modules):
+            if not isinstance(m, str) or not m.strip():
+                raise ConfigError(f"{prefix}.modules[{i}]={m!r}: expected a Python module name")
+        for key in ("shuffle_buffer", "snapshot_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be at least 1")
+
+
+@dataclass
 class DataConfig:
-    # synthetic: built-in stream | mixture: built shards | preference
-    source: Literal["synthetic", "mixture", "preference"] = "synthetic"
+    # synthetic: built-in stream | mixture: built shards through Grain | seqio: a SeqIO Mixture or
+    # the data.mixture builds through tf.data | preference
+    source: Literal["synthetic", "mixture", "seqio", "preference"] = "synthetic"
+    seqio: SeqioConfig = field(default_factory=SeqioConfig)
     preference_path: str = ""  # preference: a `ualm data build preference` output directory
     # synthetic only: relative example weights per task.
     task_weights: dict = field(default_factory=lambda: {"text": 1.0, "caption": 1.0, "t2a": 1.0})
@@ -386,6 +414,9 @@ class DataConfig:
     read_threads: int = 0  # Grain ReadOptions.num_threads (0 measured fastest on small hosts)
     prefetch: int = 2  # batches prepared ahead of the step
     eval_seed: int = 1234  # held-out batches come from a disjoint seed
+    # false: every task reads its records in stored order (no shuffle), e.g. to compare the Grain
+    # and SeqIO paths batch for batch or to debug one record.
+    shuffle: bool = True
     # gs:// builds are copied here at start (Grain reads ArrayRecord with local file I/O); empty:
     # gs:// build paths are refused at load (or mount the bucket with gcsfuse). See staging.py.
     stage_dir: str = ""
@@ -398,9 +429,14 @@ class DataConfig:
             raise ConfigError(f"{prefix}.cfg_dropout={self.cfg_dropout} must lie in [0, 1]")
         if self.source == "mixture" and not self.mixture:
             raise ConfigError(f"{prefix}.source=mixture needs {prefix}.mixture entries")
+        self.seqio.validate(f"{prefix}.seqio")
+        if self.source == "seqio" and not (self.mixture or self.seqio.mixture):
+            raise ConfigError(f"{prefix}.source=seqio needs {prefix}.seqio.mixture (a registered "
+                              f"seqio Mixture or Task) or {prefix}.mixture entries (built data)")
         # Each entry must parse as a MixtureEntry (the data pipeline parses them the same way);
         # config.yaml keeps them as the plain mappings the user wrote.
-        entries = parse_mixture(self.mixture, f"{prefix}.mixture") if self.source == "mixture" else []
+        built = self.source == "mixture" or (self.source == "seqio" and self.mixture)
+        entries = parse_mixture(self.mixture, f"{prefix}.mixture") if built else []
         remote = [(f"{prefix}.mixture[{i}].path", e.path) for i, e in enumerate(entries)]
         remote += [(f"{prefix}.preference_path", self.preference_path)] if self.source == "preference" else []
         for key, path in remote:

@@ -1,14 +1,20 @@
-"""SeqIO path: the same rendered examples as the Grain path, and packed rows in the same contract."""
+"""SeqIO path: record Tasks rendered as the Grain path renders them, the same packed batches as
+Grain with shuffling off, exact resume of the checkpointable iterator, host shards, user Tasks."""
+import json
+
 import numpy as np
 import pytest
 
 seqio = pytest.importorskip("seqio")
+tf = pytest.importorskip("tensorflow")
 
 from data_pipelines import seqio_tasks as st  # noqa: E402
 from data_pipelines.bench_data import synthetic_records  # noqa: E402
 from data_pipelines.grain_pipeline import (AudioLayout, KeyedUniform, Renderer,  # noqa: E402
                                            make_iterator, task_dataset)
+from data_pipelines.seqio_pipeline import SeqioPackedIterator  # noqa: E402
 from ualm_jax.format import vocab as V  # noqa: E402
+from ualm_jax.format.records import ROLE_IDS  # noqa: E402
 from ualm_jax.format.vocab import JointVocab  # noqa: E402
 
 K = 3
@@ -22,32 +28,48 @@ SOURCES = {k: synthetic_records(k, 40, VB, LAYOUT.n_mels, seed=i, shapes=SHAPES[
            for i, k in enumerate(SHAPES)}
 MIXTURE = [{"name": "text", "share": 0.4}, {"name": "caption", "share": 0.3},
            {"name": "t2a", "share": 0.3, "upsample": 2.0}]
+AUDIO = dict(n_mels=LAYOUT.n_mels, mel_frames=LAYOUT.mel_frames,
+             frames_per_window=LAYOUT.frames_per_window)
 
 
-def cfg(cfg_dropout=0.0):
-    return {"mixture": MIXTURE, "cfg_dropout": cfg_dropout, "max_clips_per_row": LAYOUT.max_clips}
+def cfg(cfg_dropout=0.0, shuffle=True):
+    return {"mixture": MIXTURE, "cfg_dropout": cfg_dropout, "max_clips_per_row": LAYOUT.max_clips,
+            "shuffle": shuffle}
 
 
-def register(cfg_dropout=0.0, prefix="t"):
-    return st.register_tasks(SOURCES, cfg(cfg_dropout), VB, L, seed=5, n_mels=LAYOUT.n_mels,
-                             mel_frames=LAYOUT.mel_frames, frames_per_window=LAYOUT.frames_per_window,
-                             prefix=prefix)
+def register(prefix="t", shuffle_buffer=16):
+    return st.register_tasks(SOURCES, cfg(), VB, L, seed=5, prefix=prefix,
+                             shuffle_buffer=shuffle_buffer, **AUDIO)
 
 
-def test_seqio_renders_what_grain_renders():
+def renderers(tasks, cfg_dropout=0.0, seed=5):
+    return [Renderer(VB, LAYOUT, i, seed, cfg_dropout, supervise_headers="assistant")
+            for i in range(len(tasks))]
+
+
+def rendered(name, cfg_dropout=0.0, shuffle=False, seed=5, shard=(0, 1)):
+    prefix = name.rpartition("_")[0]
+    tasks, rates, fn = st.provider_tasks(name, [f"{prefix}_{e['name']}" for e in MIXTURE])
+    return st.rendered_mixture(tasks, rates, fn, renderers(tasks, cfg_dropout, seed), "train",
+                               shuffle, seed, *shard)
+
+
+def packed(name, rows=4, cfg_dropout=0.0, shuffle=True, seed=5, shard=(0, 1), snapshot_every=2):
+    return SeqioPackedIterator(lambda: rendered(name, cfg_dropout, shuffle, seed, shard), rows, L,
+                               K, LAYOUT, 8, snapshot_every=snapshot_every)
+
+
+def test_record_tasks_render_what_grain_renders():
     tasks, _ = register()
     for t, (name, recs) in zip(tasks, SOURCES.items()):
-        ds = seqio.get_mixture_or_task(t).get_dataset(None, split="train", shuffle=False)
-        got = list(ds.as_numpy_iterator())
-        assert len(got) == len(recs)
+        got = list(rendered(t).take(len(recs)).as_numpy_iterator())
         # The Grain path's per-task stream, unshuffled: element i renders record i.
-        task = [e["name"] for e in MIXTURE].index(name)
-        grain_ds = task_dataset(recs, Renderer(VB, LAYOUT, task, seed=5), 5, shuffle=False)
+        grain_ds = task_dataset(recs, Renderer(VB, LAYOUT, 0, seed=5, supervise_headers="assistant"),
+                                5, shuffle=False)
         for i, x in enumerate(got):
             e = grain_ds[i]
             np.testing.assert_array_equal(x["tokens"], e.tokens)
             np.testing.assert_array_equal(x["loss_weights"], e.loss_weights)
-            assert x["task_id"] == e.task == task
             assert list(x["clip_positions"]) == [p for p, _, _ in e.clips]
             assert list(x["clip_frames"]) == [n for _, n, _ in e.clips]
             for c, (_, _, w) in enumerate(e.clips):
@@ -55,24 +77,96 @@ def test_seqio_renders_what_grain_renders():
 
 
 def test_cfg_dropout_uses_the_same_key_in_both_paths():
-    tasks, _ = register(cfg_dropout=0.5, prefix="cfg")
-    got = list(seqio.get_mixture_or_task(tasks[2]).get_dataset(None, shuffle=False).as_numpy_iterator())
+    tasks, _ = register(prefix="cfg")
+    n = 2 * len(SOURCES["t2a"])  # two epochs: keys keep counting across the repeat, as in Grain
+    got = list(rendered(tasks[2], cfg_dropout=0.5).take(n).as_numpy_iterator())
     dropped = [bool(x["tokens"][0, 0] == V.PAD) for x in got]
-    expect = [KeyedUniform(5, 2, i).random() < 0.5 for i in range(len(got))]
-    assert dropped == expect and 0 < sum(dropped) < len(got)
-    grain_ds = task_dataset(SOURCES["t2a"], Renderer(VB, LAYOUT, 2, 5, 0.5), 5, shuffle=False)
-    assert [grain_ds[i].cfg_dropped for i in range(len(got))] == expect
+    expect = [KeyedUniform(5, 0, i).random() < 0.5 for i in range(n)]
+    assert dropped == expect and 0 < sum(dropped) < n
+    grain_ds = task_dataset(SOURCES["t2a"], Renderer(VB, LAYOUT, 0, 5, 0.5), 5, shuffle=False)
+    assert [grain_ds[i].cfg_dropped for i in range(n)] == expect
 
 
 def test_mixture_rates_are_the_token_share_weights():
     _, name = register(prefix="rates")
     m = seqio.get_mixture_or_task(name)
     rates = {t.name[len("rates_"):]: m.get_rate(t) for t in m.tasks}
-    it = make_iterator(SOURCES, cfg(), VB, 2, L, 5, LAYOUT.n_mels, LAYOUT.mel_frames,
-                       LAYOUT.frames_per_window)
+    it = make_iterator(SOURCES, cfg(), VB, 2, L, 5, **AUDIO)
     total = sum(rates.values())
     for k, w in it.weights.items():
         assert rates[k] / total == pytest.approx(w)
+
+
+@pytest.mark.parametrize("cfg_dropout", [0.0, 0.3])
+def test_unshuffled_seqio_batches_equal_grain_batches(cfg_dropout):
+    """Same records, seed and interleave: the SeqIO path packs exactly the Grain path's batches
+    (with shuffling on, the orders differ: Grain permutes indices, tf.data uses buffers)."""
+    _, name = register(prefix=f"same{int(cfg_dropout * 10)}")
+    grain_it = make_iterator(SOURCES, {**cfg(cfg_dropout, shuffle=False)}, VB, 4, L, 5,
+                             stream_weights=None, **AUDIO)
+    seqio_it = packed(name, cfg_dropout=cfg_dropout, shuffle=False)
+    for _ in range(6):  # past an epoch of the text task
+        a, b = next(grain_it), next(seqio_it)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_continues_the_shuffled_stream_bit_for_bit():
+    _, name = register(prefix="resume")
+    straight = packed(name, cfg_dropout=0.2)
+    want = [next(straight) for _ in range(7)]
+    first = packed(name, cfg_dropout=0.2)
+    for _ in range(3):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))  # what the checkpoint stores
+    assert state["read"] > state["snapshot_at"] >= 0 or state["pending"]
+    second = packed(name, cfg_dropout=0.2)
+    second.set_state(state)
+    for w in want[3:]:
+        b = next(second)
+        for k in w:
+            np.testing.assert_array_equal(w[k], b[k], err_msg=k)
+    other = packed(name, cfg_dropout=0.2, seed=6)  # another seed is another stream
+    assert not np.array_equal(next(other)["tokens"], want[0]["tokens"])
+
+
+def test_host_shards_split_each_task_disjointly():
+    tasks, _ = register(prefix="hosts")
+    n = len(SOURCES["text"])
+    stamps = []
+    for i in range(2):
+        ds = rendered(tasks[0], shard=(i, 2)).take(n // 2)
+        # The prompt starts <bos><user><text> then the record's stamp (its index).
+        stamps.append({int(x["tokens"][4, 0]) - VB.text_offset for x in ds.as_numpy_iterator()})
+    assert stamps[0].isdisjoint(stamps[1]) and stamps[0] | stamps[1] == set(range(n))
+    assert stamps[0] == set(range(0, n, 2))  # records i::n, as the Grain path splits hosts
+
+
+def test_a_user_task_with_its_own_preprocessor_is_read_and_one_without_records_is_named():
+    recs = SOURCES["text"]
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        return st.records_dataset(recs)
+
+    def drop_system_turns(ds):  # a user's preprocessor: it keeps the record features
+        return ds.filter(lambda r: tf.reduce_all(r["roles"] != ROLE_IDS["system"]))
+
+    for name in ("user_text", "user_broken"):
+        seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add("user_text", source=seqio.FunctionDataSource(dataset_fn, splits=["train"]),
+                           preprocessors=[drop_system_turns], output_features=st.record_features())
+    got = next(rendered("user_text").as_numpy_iterator())
+    e = Renderer(VB, LAYOUT, 0, 5, supervise_headers="assistant")(0, recs[0])
+    np.testing.assert_array_equal(got["tokens"], e.tokens)
+
+    seqio.TaskRegistry.add("user_broken", source=seqio.FunctionDataSource(
+        lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensors({"inputs": [1, 2]}),
+        splits=["train"]), preprocessors=[], output_features={})
+    with pytest.raises(ValueError, match="seqio task 'user_broken' does not emit the record feature"):
+        rendered("user_broken")
+    with pytest.raises(ValueError, match="'nope' is not a registered seqio Mixture or Task"):
+        st.provider_tasks("nope")
 
 
 def test_converter_packs_rows_in_the_batch_contract():

@@ -17,9 +17,10 @@ def evaluate_mixture(config: str, checkpoint: str, batches: Optional[int] = None
     """The model comes from the checkpoint's run config, the data from `config` (a run's config
     evaluates on its own mixture; another config asks how it does on other data)."""
     cfg = load_config(config, list(overrides))
-    if cfg.data.source != "mixture":
+    if cfg.data.source not in ("mixture", "seqio"):
         raise ValueError(f"{config}: data.source={cfg.data.source!r}; `mixture eval` needs "
-                         "data.source=mixture with data.mixture entries")
+                         "data.source=mixture (or seqio) with data.mixture entries or "
+                         "data.seqio.mixture")
     run_config, _, step = resolve(checkpoint)
     if run_config.exists():
         cfg.model = load_config(str(run_config)).model

@@ -26,6 +26,10 @@ def make_train_iterator(cfg):
         from data_pipelines.grain_pipeline import make_config_iterator
 
         return make_config_iterator(cfg, "train")
+    if cfg.data.source == "seqio":
+        from data_pipelines.seqio_pipeline import make_seqio_iterator
+
+        return make_seqio_iterator(cfg, "train")
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.seed, tasks=TASKS,
                             weights=weights, **_template_args(cfg))
@@ -58,6 +62,10 @@ def make_eval_iterator(cfg):
         from data_pipelines.grain_pipeline import make_config_iterator
 
         return make_config_iterator(cfg, "validation")
+    if cfg.data.source == "seqio":
+        from data_pipelines.seqio_pipeline import make_seqio_iterator
+
+        return make_seqio_iterator(cfg, "validation")
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
     return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.data.eval_seed,
                             tasks=TASKS, weights=weights, **_template_args(cfg))
@@ -82,7 +90,7 @@ def adopt_build_artefacts(cfg) -> list[str]:
     from data_pipelines.staging import local_build_dir
 
     d = cfg.data
-    if d.source == "mixture":
+    if d.source == "mixture" or (d.source == "seqio" and d.mixture):
         places = [(f"data.mixture[{i}]", local_build_dir(e.path, d.stage_dir, f"data.mixture[{i}].path"))
                   for i, e in enumerate(parse_mixture(d.mixture))]
     elif d.source == "preference":
@@ -116,6 +124,10 @@ def task_names(cfg) -> tuple[str, ...]:
         from data_pipelines.mixture import parse_mixture
 
         return tuple(e.name for e in parse_mixture(cfg.data.mixture))
+    if cfg.data.source == "seqio":
+        from data_pipelines.seqio_pipeline import task_names as seqio_task_names
+
+        return seqio_task_names(cfg)
     return () if cfg.data.source == "preference" else TASKS
 
 
