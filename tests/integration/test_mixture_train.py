@@ -234,3 +234,62 @@ def test_a_users_registered_mixture_keeps_its_rates(built, tmp_path, monkeypatch
     bad = argv[:-3] + ["data.seqio.mixture=not_there"]
     assert main(bad) == 2
     assert "'not_there' is not a registered seqio Mixture or Task" in capsys.readouterr().err
+
+
+# `ualm mixture sweep` -------------------------------------------------------------------------
+BLENDS = ("blends:\n"
+          "  - {name: even, shares: {text: 1, t2a: 1, caption: 1}}\n"
+          "  - {name: no_text, shares: {t2a: 1, caption: 1}}\n"
+          "  - {name: text_heavy, shares: {text: 4, t2a: 1, caption: 1}}\n"
+          "  - {name: audio, shares: {text: 1, t2a: 3, caption: 2}}\n")
+
+
+@pytest.mark.slow
+def test_mixture_sweep_trains_each_blend_fits_and_resumes(built, tmp_path, capsys):
+    (tmp_path / "blends.yaml").write_text(BLENDS)
+    out = tmp_path / "sweep"
+    argv = ["mixture", "sweep", "--config", built["config"], "--blends", str(tmp_path / "blends.yaml"),
+            "--out", str(out), "--steps", "2", "--eval-batches", "1", *built["overrides"]]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "PREDICTED best blend (a prediction, not a result)" in text and "leave-one-out" in text
+    rows = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["even", "no_text", "text_heavy", "audio"]
+    for r in rows:
+        assert sum(r["shares"].values()) == pytest.approx(1.0)
+        assert sum(r["realised_shares"].values()) == pytest.approx(1.0)
+        for t in ("text", "t2a", "caption"):
+            assert np.isfinite(r["held_out"][t]["loss"]) and r["held_out"][t]["targets"] > 0
+    assert rows[1]["tokens"]["text"] == 0 and rows[2]["tokens"]["text"] > rows[0]["tokens"]["text"]
+    # Every blend is scored on the same held-out batches of each task.
+    for t in ("text", "t2a", "caption"):
+        assert len({r["held_out"][t]["targets"] for r in rows}) == 1
+    fit = json.loads((out / "fit.json").read_text())
+    best = fit["prediction"]["shares"]
+    assert sum(best.values()) == pytest.approx(1.0) and fit["prediction"]["error"] > 0
+    assert 0.25 - 1e-6 <= best["caption"] <= 0.5 + 1e-6  # inside the sampled range
+    assert {t["task"] for t in fit["tasks"]} == {"text", "t2a", "caption"}
+    assert (out / "sweep.png").stat().st_size > 0
+
+    # A rerun trains nothing (every result.json stays as it was); another plan is refused.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == stamps
+    (tmp_path / "other.yaml").write_text("blends:\n  - {text: 1}\n  - {t2a: 1}\n  - {caption: 1}\n")
+    other = [a if a != str(tmp_path / "blends.yaml") else str(tmp_path / "other.yaml") for a in argv]
+    assert main(other) == 2
+    assert "holds another sweep's blends" in capsys.readouterr().err
+
+    # Three blends in their own processes, two at a time: the same numbers as in one process.
+    lines = BLENDS.splitlines(True)
+    (tmp_path / "three.yaml").write_text("".join([lines[0], lines[1], lines[3], lines[4]]))
+    three = list(argv)
+    three[three.index(str(tmp_path / "blends.yaml"))] = str(tmp_path / "three.yaml")
+    three[three.index(str(out))] = str(tmp_path / "parallel")
+    assert main(three + ["--parallel", "2", "--json"]) == 0
+    par = {r["name"]: r for r in map(json.loads, (tmp_path / "parallel" / "sweep.jsonl")
+                                     .read_text().splitlines())}
+    assert list(par) == ["even", "text_heavy", "audio"]
+    for name in par:
+        seq = next(r for r in rows if r["name"] == name)
+        assert par[name]["held_out"] == seq["held_out"] and par[name]["tokens"] == seq["tokens"]

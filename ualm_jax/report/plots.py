@@ -121,3 +121,38 @@ def plot_spectrograms(items: list, out_png: str, columns: int = 2) -> str:
     if not items:
         fig.add_subplot(1, 1, 1).text(0.5, 0.5, "no samples", ha="center", va="center")
     return _save(fig, out_png)
+
+
+def plot_sweep(rows: list, names: list, report: dict, out_png: str) -> str:
+    """One panel per task: held-out loss of each blend against the task's share (dots), the
+    fit's value at each blend (crosses) and the predicted best blend (star)."""
+    fits = {t["task"]: t for t in report["tasks"]}
+    shares = np.asarray([[r["shares"][n] for n in names] for r in rows])
+    best = report["prediction"]
+    fig = _figure(3.6 * len(names), 3.4)
+    for i, task in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        losses = [(r["held_out"].get(task) or {}).get("loss") for r in rows]
+        pts = [(s, v) for s, v in zip(shares[:, i], losses) if v is not None]
+        if pts:
+            ax.scatter(*zip(*pts), color="C0", label="measured", zorder=3)
+        if task in fits:
+            coef = fits[task]["coef"]
+            if report["fit"] == "loglinear":  # loss = exp(a) * share^b over the fitted shares
+                used = shares[:, i][shares[:, i] > 0]
+                s = np.linspace(used.min(), used.max(), 50)
+                ax.plot(s, np.exp(coef["log_scale"]) * s ** coef["exponent"], color="C1",
+                        label="loglinear fit")
+            else:
+                z = shares @ np.asarray([coef[n] for n in names])
+                ax.scatter(shares[:, i], z, marker="x", color="C1", label="linear fit")
+            ax.scatter([best["shares"][task]], [best["losses"][task]], marker="*", s=160,
+                       color="C3", label="predicted best", zorder=4)
+            ax.set_title(f"{task} (R^2 {fits[task]['r2']:.2f})", fontsize=10)
+        else:
+            ax.set_title(f"{task} (no held-out data)", fontsize=10)
+        ax.set(xlabel=f"{task} token share", ylabel="held-out loss" if i == 0 else "")
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
+    return _save(fig, out_png)
