@@ -68,7 +68,7 @@ def test_tasks_without_held_out_loss_or_enough_data_are_left_out_and_named():
     x[:2, 2] = 0.0
     x /= x.sum(1, keepdims=True)
     f = sweep_fit.fit_sweep(NAMES, x, {t: [1.0, 2.0, 1.5, 1.2] for t in NAMES}, objective="a=1,c=1")
-    assert list(f.fits) == ["a", "b"] and f.weights == {"a": 1.0}
+    assert list(f.fits) == ["a", "b"] and f.weights == {"a": 1.0, "b": 0.0}
     assert "task 'c': 2 blends with a held-out loss and a share > 0" in f.skipped["c"]
 
 

@@ -18,6 +18,7 @@ checkpoint). Blends run one after another on the local devices, or each in its o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -244,8 +245,13 @@ def sweep(config: str, out: str, blends_file: Optional[str] = None, samples: Opt
         _plan(out_dir, [{**b, "steps": steps} for b in blends])
     plan = json.loads((out_dir / "blends.json").read_text())
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    _use_compilation_cache(out_dir)
+    with compilation_cache(out_dir):
+        return _sweep(cfg, config, out_dir, plan, names, batches, steps, objective, fit, parallel,
+                      verify, only, seed, overrides)
 
+
+def _sweep(cfg, config, out_dir, plan, names, batches, steps, objective, fit, parallel, verify,
+           only, seed, overrides) -> dict:
     evaluator = None
 
     def evaluate_with():
@@ -289,14 +295,28 @@ def sweep(config: str, out: str, blends_file: Optional[str] = None, samples: Opt
     return {"out": str(out_dir), "rows": rows, "fit": report}
 
 
-def _use_compilation_cache(out: Path) -> None:
-    """Blends compile the same train and eval steps: XLA's persistent cache (unless the user set
-    one) makes every run after the first skip compilation."""
+@contextlib.contextmanager
+def compilation_cache(out: Path):
+    """Blends compile the same train and eval steps: XLA's persistent cache in OUT/xla_cache
+    (unless the user set one) makes every run after the first skip compilation. The previous
+    settings come back afterwards (a sweep called in-process leaves the process as it was)."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
 
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str((out / "xla_cache").absolute()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    if before[keys[0]]:
+        yield
+        return
+    cc.reset_cache()  # the cache binds its folder on first use
+    jax.config.update(keys[0], str((out / "xla_cache").absolute()))
+    jax.config.update(keys[1], 0.5)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
 
 
 def _losses(rows: list[dict], names: Sequence[str]) -> dict:
