@@ -74,8 +74,7 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
                mixture: Optional[list] = None, vocab: Optional[JointVocab] = None,
                batch_size: int = 8, seq_len: int = 4096, n_mels: int = 128,
                mel_frames: int = 3000, frames_per_window: int = 750, max_clips_per_row: int = 4,
-               cfg_dropout: float = 0.05, read_threads: int = 0, prefetch: int = 0,
-               seconds: float = 5.0, warmup_batches: int = 3, seed: int = 0,
+               cfg_dropout: float = 0.05, seconds: float = 5.0, warmup_batches: int = 3, seed: int = 0,
                split: str = "train", records_per_task: int = 2000,
                lookahead: Optional[int] = None, shapes: Optional[Mapping] = None) -> dict:
     """Packed tokens/s (non-pad positions) and rows/s, warm-up excluded.
@@ -99,8 +98,7 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
                               {"name": "t2a", "share": 0.331 / 2, "upsample": 2.0},
                               {"name": "text", "share": 0.392}]
     mixture = mixture or [{"name": name, "share": 1.0} for name in sources]
-    cfg = {"mixture": mixture, "cfg_dropout": cfg_dropout, "max_clips_per_row": max_clips_per_row,
-           "read_threads": read_threads, "prefetch": prefetch}
+    cfg = {"mixture": mixture, "cfg_dropout": cfg_dropout, "max_clips_per_row": max_clips_per_row}
     t0 = time.perf_counter()
     it = make_iterator(sources, cfg, vocab, batch_size, seq_len, seed, n_mels, mel_frames,
                        frames_per_window, split=split, lookahead=lookahead)
@@ -118,7 +116,7 @@ def bench_data(sources: Optional[Mapping] = None, paths: Optional[Mapping[str, s
         batches += 1
     dt = time.perf_counter() - t1
     return {"bench": "data", "batch": batch_size, "seq": seq_len, "tasks": list(sources),
-            "read_threads": read_threads, "batches": batches, "seconds": dt,
+            "batches": batches, "seconds": dt,
             "packed_tokens_per_s": tokens / dt, "positions_per_s": rows * seq_len / dt,
             "batches_per_s": batches / dt, "packing_efficiency": float(np.mean(eff)),
             "setup_s": setup_s, **{f"counts_{k}": v for k, v in it.stats().items()}}
@@ -138,8 +136,7 @@ def bench_data_from_config(cfg, seconds: float = 5.0, split: str = "train") -> d
                       vocab=JointVocab.from_model_config(cfg.model),
                       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                       max_clips_per_row=cfg.data.max_clips_per_row,
-                      cfg_dropout=cfg.data.cfg_dropout, read_threads=cfg.data.read_threads,
-                      seconds=seconds, seed=cfg.seed, split=split, **audio)
+                      cfg_dropout=cfg.data.cfg_dropout, seconds=seconds, seed=cfg.seed, split=split, **audio)
 
 
 if __name__ == "__main__":

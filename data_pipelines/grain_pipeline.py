@@ -1,22 +1,27 @@
 """Grain pipeline: stored records -> token-share mixture -> first-fit packed batches, resumable.
 
-    per task: source[host::hosts] -> shuffle(seed) -> repeat -> render (template + CFG dropout)
-    -> weighted interleave by example weights that realise the TOKEN-share targets (mixture.py)
-    -> first-fit packing into [B, L, K] rows with a small look-ahead -> batch dict (numpy, per host)
+    per task: source -> shuffle(seed) -> repeat -> render (template + CFG dropout)
+    -> weighted interleave by example weights that realise the TOKEN-share targets (mixture.py):
+       ONE global stream, the same on every process
+    -> one first-fit packer per row of the GLOBAL batch, each reading its own share of the stream
+       (PackedIterator) -> this process's rows as a batch dict (numpy)
 
 Everything before packing is one random-access grain MapDataset, so element i of the mixed stream
-is a pure function of (sources, seed, i). The iterator state is therefore tiny and JSON-able: the
-next stream index plus the indices of the few look-ahead examples not yet placed; resuming
-re-renders those and continues bit for bit.
+is a pure function of (sources, seed, i). The iterator state is therefore tiny and JSON-able: per
+row, its next block of the stream plus the indices of the few look-ahead examples not yet placed;
+resuming re-renders those and continues bit for bit, on the same or on any other number of
+processes (the global batches do not depend on it).
 
 Batches follow the batch contract (ualm_jax/format/batch.py); clips are laid out as
-ualm_jax/format/layout.py says (one encoder window per clip slot). An example whose clips do not fit a row's free slots goes to another row or the next
-batch; one longer than L (or with more than F clips) can never fit and is skipped and counted.
+ualm_jax/format/layout.py says (one encoder window per clip slot). An example that does not fit
+its row's free positions or clip slots waits for that row's next batch; one longer than L (or with
+more than F clips) can never fit and is skipped and counted.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from typing import Mapping, Optional, Sequence
 
@@ -30,7 +35,7 @@ from ualm_jax.format.template import render
 from ualm_jax.format.vocab import JointVocab, vocab_of
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: one packer per global row (elastic resume); 1: one per process
 
 
 # Rendering ----------------------------------------------------------------------------------------
@@ -190,20 +195,16 @@ class _ReadAndRender:
         return self.renderer(index, self.source[record_index])
 
 
-def task_dataset(source, renderer: Renderer, seed: int, process_index: int = 0,
-                 process_count: int = 1, shuffle: bool = True) -> grain.MapDataset:
-    """One task's infinite, rendered stream: this host's disjoint share of the source, shuffled
-    (a new permutation each epoch), repeated. Element i depends only on (source, seed, i).
+def task_dataset(source, renderer: Renderer, seed: int, shuffle: bool = True) -> grain.MapDataset:
+    """One task's infinite, rendered stream over the whole source, shuffled (a new permutation
+    each epoch), repeated. Element i depends only on (source, seed, i), on every process.
 
-    Shards and shuffles record INDICES, then reads: `MapDataset.source` would also estimate every
-    record's byte size for its metrics (~20 us a record here, a third of a short example's cost).
+    Shuffles record INDICES, then reads: `MapDataset.source` would also estimate every record's
+    byte size for its metrics (~20 us a record here, a third of a short example's cost).
     """
     ds = grain.MapDataset.range(len(source))
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     if len(ds) == 0:
-        raise ValueError(f"{renderer.name}: its source has {len(source)} records, none left for "
-                         f"process {process_index} of {process_count}")
+        raise ValueError(f"{renderer.name}: its source has no records")
     if shuffle:
         ds = ds.shuffle(seed=_task_seed(seed, renderer.task))
     return ds.repeat().map_with_index(_ReadAndRender(source, renderer))
@@ -224,6 +225,7 @@ class BatchBuilder:
         self.used = [0] * b
         self.segments = [0] * b
         self.clips = [0] * b
+        self.row_tasks: list = [[] for _ in range(b)]  # task of each example placed, per row
         self.max_clips = layout.max_clips if layout.enabled else 0
         if layout.enabled:
             f, t = layout.max_clips, layout.mel_frames
@@ -236,13 +238,16 @@ class BatchBuilder:
     def fits_empty_row(self, e: Rendered) -> bool:
         return len(e) <= self.l and len(e.clips) <= self.max_clips
 
-    def full(self) -> bool:
+    def full(self, row: Optional[int] = None) -> bool:
+        if row is not None:
+            return self.used[row] == self.l
         return all(u == self.l for u in self.used)
 
-    def place(self, e: Rendered) -> bool:
-        """Put e into the first row with room for its tokens AND its clips; False if none has."""
+    def place(self, e: Rendered, row: Optional[int] = None) -> bool:
+        """Put e into the first row (or into `row`) with room for its tokens AND its clips;
+        False if none has."""
         n, c = len(e), len(e.clips)
-        for r in range(self.b):
+        for r in (range(self.b) if row is None else (row,)):
             if self.used[r] + n <= self.l and self.clips[r] + c <= self.max_clips:
                 break
         else:
@@ -255,6 +260,7 @@ class BatchBuilder:
         self.segment_ids[r, sl] = self.segments[r]
         self.positions[r, sl] = self._arange[:n]
         self.task_ids[r, sl] = e.task
+        self.row_tasks[r].append(e.task)
         for pos, nf, mel in e.clips:
             c = self.clips[r]
             self.slots[r, s + pos:s + pos + nf] = self.layout.slot(c, self._arange[:nf])
@@ -273,23 +279,25 @@ class BatchBuilder:
         return out
 
 
-def fill_batch(builder: BatchBuilder, waiting: list, read, lookahead: int):
-    """Fill one batch: the waiting examples first (oldest first), then new ones from read() until
-    `lookahead` examples wait or every row is full. -> (still waiting, placed, read exhausted).
-    The oldest waiting example always fits an empty batch, so none waits forever."""
+def fill_batch(builder: BatchBuilder, waiting: list, read, lookahead: int,
+               row: Optional[int] = None):
+    """Fill one batch (or only its row `row`): the waiting examples first (oldest first), then new
+    ones from read() until `lookahead` examples wait or every row is full.
+    -> (still waiting, placed, read exhausted). The oldest waiting example always fits an empty
+    row, so none waits forever."""
     left, placed, exhausted = [], 0, False
     for e in waiting:
-        if builder.place(e):
+        if builder.place(e, row):
             placed += 1
         else:
             left.append(e)
-    while len(left) < lookahead and not builder.full():
+    while len(left) < lookahead and not builder.full(row):
         try:
             e = read()
         except StopIteration:
             exhausted = True
             break
-        if builder.place(e):
+        if builder.place(e, row):
             placed += 1
         else:
             left.append(e)
@@ -320,26 +328,36 @@ class Packer:
         """The next example of the stream (StopIteration at the end of a finite one)."""
         raise NotImplementedError
 
+    def _unfit(self, e: Rendered) -> Optional[tuple]:
+        """(counter, reason) when e can never fit a row, else None."""
+        if len(e) > self.seq_len:
+            return "skipped_too_long", f"{len(e)} tokens > seq_len {self.seq_len}"
+        if len(e.clips) > (self.layout.max_clips if self.layout.enabled else 0):
+            return ("skipped_too_many_clips",
+                    f"{len(e.clips)} clips > max_clips_per_row {self.layout.max_clips}")
+        return None
+
+    def _too_many_skips(self) -> ValueError:
+        return ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of "
+                          f"{self.seq_len} tokens: raise train.seq_len or data.max_clips_per_row "
+                          f"({self.counts})")
+
     def _read(self) -> Rendered:
         for _ in range(self.max_consecutive_skips):
             e = self._fetch()
-            if len(e) > self.seq_len:
-                self._skip("skipped_too_long", e, f"{len(e)} tokens > seq_len {self.seq_len}")
-            elif len(e.clips) > (self.layout.max_clips if self.layout.enabled else 0):
-                self._skip("skipped_too_many_clips", e,
-                           f"{len(e.clips)} clips > max_clips_per_row {self.layout.max_clips}")
-            else:
+            why = self._unfit(e)
+            if why is None:
                 return e
-        raise ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of "
-                         f"{self.seq_len} tokens: raise train.seq_len or data.max_clips_per_row "
-                         f"({self.counts})")
+            self.counts[why[0]] += 1
+            self._skip(why[0], e, why[1])
+        raise self._too_many_skips()
 
     def _skip(self, counter: str, e: Rendered, why: str) -> None:
-        self.counts[counter] += 1
-        if self.counts[counter] in (1, 10, 100, 1000) or self.counts[counter] % 10000 == 0:
+        """Log the 1st, 10th, 100th, ... skip (the caller has counted it)."""
+        n = self.counts[counter]
+        if n in (1, 10, 100, 1000) or n % 10000 == 0:
             name = self.task_names[e.task] if e.task < len(self.task_names) else e.task
-            log.warning("skipped an example of %s (%s); %d skipped so far", name, why,
-                        self.counts[counter])
+            log.warning("skipped an example of %s (%s); %d skipped so far", name, why, n)
 
     def __iter__(self):
         return self
@@ -365,50 +383,133 @@ class Packer:
         return dict(self.counts)
 
 
+class RowPacker:
+    """One row of the global batch: its position in its share of the stream (next block), the
+    examples it read that wait for room, and what it placed."""
+    __slots__ = ("next", "pending", "examples", "tasks", "skipped_too_long",
+                 "skipped_too_many_clips")
+
+    def __init__(self, n_tasks: int):
+        self.next, self.pending, self.examples = 0, [], 0
+        self.tasks = [0] * n_tasks
+        self.skipped_too_long = self.skipped_too_many_clips = 0
+
+    def to_json(self) -> dict:
+        return {"next": self.next, "pending": [int(e.index) for e in self.pending],
+                "examples": self.examples, "tasks": list(self.tasks),
+                "skipped_too_long": self.skipped_too_long,
+                "skipped_too_many_clips": self.skipped_too_many_clips}
+
+
+def block_slot(seed: int, block: int, rows: int, row: int) -> int:
+    """Where row `row` reads inside block `block` of the stream: a seeded affine permutation of
+    the rows per block, so a task pattern of the interleave never lines up with the rows."""
+    if rows == 1:
+        return 0
+    h = _splitmix64((int(seed) << 20) ^ _splitmix64(int(block)))
+    a = 1 + (h >> 32) % (rows - 1)
+    while math.gcd(a, rows) != 1:
+        a = a % (rows - 1) + 1
+    return (a * row + (h & 0xFFFFFFFF)) % rows
+
+
 class PackedIterator(Packer):
-    """Checkpointable iterator of packed host batches over a random-access stream of Rendered.
-    State: next stream index + indices of the waiting examples + counters."""
+    """This process's rows of the global batch, packed from ONE global example stream.
 
-    def __init__(self, stream: grain.MapDataset, batch_size: int, seq_len: int, k: int,
-                 layout: AudioLayout, lookahead: int, read_threads: int = 0,
-                 prefetch: int = 0, task_names: Sequence[str] = (), fingerprint: Optional[dict] = None):
-        super().__init__(batch_size, seq_len, k, layout, lookahead, task_names, fingerprint)
-        self.stream = stream
-        self.read_threads, self.prefetch = int(read_threads), int(prefetch)
-        self._next = 0
-        self._reader = None
+    Every row g of the global batch (V rows) has its own packer reading its own share of the
+    stream: in block j (elements j*V .. j*V+V-1) it takes element j*V + block_slot(j, g). What a
+    row holds therefore depends on the global batch and the seed, never on how many processes
+    there are: a process runs the packers of its rows, the checkpoint gathers every row's state,
+    and a run resumes on any number of processes dividing V with the same global batches (each
+    process takes its rows' states). State per row: next block, waiting example indices, counts.
+    """
 
-    def _fetch(self) -> Rendered:
-        if self.read_threads <= 0:  # random access: the fastest path on small hosts
-            e = self.stream[self._next]
-        else:
-            if self._reader is None:
-                opts = grain.ReadOptions(num_threads=self.read_threads,
-                                         prefetch_buffer_size=self.prefetch)
-                self._reader = iter(self.stream[self._next:].to_iter_dataset(opts))
-            e = next(self._reader)
-        e.index = self._next
-        self._next += 1
+    def __init__(self, stream: grain.MapDataset, rows: int, seq_len: int, k: int,
+                 layout: AudioLayout, lookahead: int, process_index: int = 0,
+                 process_count: int = 1, seed: int = 0, task_names: Sequence[str] = (),
+                 fingerprint: Optional[dict] = None):
+        if rows % process_count:
+            raise ValueError(f"the global batch of {rows} rows must be divisible by the "
+                             f"{process_count} processes (each packs its own rows)")
+        local = rows // process_count
+        super().__init__(local, seq_len, k, layout, lookahead, task_names, fingerprint)
+        self.stream, self.rows, self.seed = stream, int(rows), int(seed)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.global_rows = list(range(process_index * local, (process_index + 1) * local))
+        n = max(len(self.task_names), 1)
+        self.packers = {g: RowPacker(n) for g in self.global_rows}
+
+    def _fetch_for(self, g: int) -> Rendered:
+        p = self.packers[g]
+        i = p.next * self.rows + block_slot(self.seed, p.next, self.rows, g)
+        p.next += 1
+        e = self.stream[i]
+        e.index = i
         return e
 
+    def _read_for(self, g: int) -> Rendered:
+        p = self.packers[g]
+        for _ in range(self.max_consecutive_skips):
+            e = self._fetch_for(g)
+            why = self._unfit(e)
+            if why is None:
+                return e
+            setattr(p, why[0], getattr(p, why[0]) + 1)
+            self.counts[why[0]] += 1
+            self._skip(why[0], e, why[1])
+        raise self._too_many_skips()
+
+    def __next__(self) -> dict:
+        b = BatchBuilder(self.batch_size, self.seq_len, self.k, self.layout)
+        for r, g in enumerate(self.global_rows):
+            p = self.packers[g]
+            before = b.segments[r]
+            p.pending, placed, _ = fill_batch(b, p.pending, functools.partial(self._read_for, g),
+                                              self.lookahead, row=r)
+            p.examples += placed
+            for t in b.row_tasks[r][before:]:
+                p.tasks[t] += 1
+        self.counts["batches"] += 1
+        self._sum_counts()
+        return b.finish()
+
+    def _sum_counts(self) -> None:
+        for key in ("examples", "skipped_too_long", "skipped_too_many_clips"):
+            self.counts[key] = sum(getattr(p, key) for p in self.packers.values())
+
     def get_state(self) -> dict:
-        return {"version": STATE_VERSION, "next_index": self._next,
-                "pending": [int(e.index) for e in self._pending], "counts": dict(self.counts),
+        return {"version": STATE_VERSION, "rows": self.rows, "batches": self.counts["batches"],
+                "packers": {str(g): p.to_json() for g, p in self.packers.items()},
                 "fingerprint": self.fingerprint}
 
     def set_state(self, state: Mapping) -> None:
+        """Takes this process's rows from a state holding at least those rows: its own, or every
+        process's merged (train/data.local_data_state), whatever the saving process count."""
         if int(state.get("version", -1)) != STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')!r} is not "
-                             f"{STATE_VERSION}")
+                             f"{STATE_VERSION} (saved by another version of the Grain "
+                             "pipeline): resume this run's data with that version, or start "
+                             "the data afresh in a new run dir")
         self._check_fingerprint(state)
-        self._next = int(state["next_index"])
-        self._reader = None
-        self._pending = []
-        for i in state.get("pending", []):
-            e = self.stream[int(i)]
-            e.index = int(i)
-            self._pending.append(e)
-        self.counts.update({k: int(v) for k, v in state.get("counts", {}).items()})
+        saved = state.get("packers", {})
+        missing = [g for g in self.global_rows if str(g) not in saved]
+        if missing:
+            raise ValueError(f"the data iterator state holds no packer for row(s) "
+                             f"{missing[:4]}{'...' if len(missing) > 4 else ''} of the "
+                             f"{self.rows}-row global batch")
+        for g in self.global_rows:
+            s, p = saved[str(g)], self.packers[g]
+            p.next, p.examples = int(s["next"]), int(s["examples"])
+            p.tasks = [int(x) for x in s["tasks"]]
+            p.skipped_too_long = int(s.get("skipped_too_long", 0))
+            p.skipped_too_many_clips = int(s.get("skipped_too_many_clips", 0))
+            p.pending = []
+            for i in s["pending"]:
+                e = self.stream[int(i)]
+                e.index = int(i)
+                p.pending.append(e)
+        self.counts["batches"] = int(state.get("batches", 0))
+        self._sum_counts()
 
 
 # Building the pipeline ----------------------------------------------------------------------------
@@ -425,7 +526,8 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
                   estimate_records: int = 512, lookahead: Optional[int] = None,
                   stream_weights: Optional[Sequence[float]] = None) -> PackedIterator:
     """The mixture of `cfg_data.mixture` over `sources` (name -> random-access source of record
-    dicts: len + getitem), packed into this host's batches of `batch_size` rows.
+    dicts: len + getitem), packed into GLOBAL batches of `batch_size` rows, of which this process
+    (`process_index` of `process_count`) gets its contiguous batch_size / process_count rows.
 
     mean_tokens: per-task mean rendered length (e.g. from the builder's stats.json); tasks not in
     it are estimated from up to `estimate_records` records spread over the WHOLE source, so every
@@ -436,6 +538,12 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
         raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"the global batch of {batch_size} rows must be divisible by the "
+                         f"{process_count} processes (each packs its own rows)")
+    if int(_get(cfg_data, "read_threads", 0) or 0) > 0:
+        log.warning("data.read_threads is no longer used: every row's packer reads its examples "
+                    "by random access (the fastest path measured here)")
     entries = mix.parse_mixture(_get(cfg_data, "mixture", []))
     missing = [e.name for e in entries if e.name not in sources]
     if missing:
@@ -456,19 +564,18 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
     weights = mix.sampling_weights(entries, means)
     active = [i for i, e in enumerate(entries) if weights[e.name] > 0]
     shuffle = bool(_get(cfg_data, "shuffle", True))
-    datasets = [task_dataset(sources[entries[i].name], renderers[i], seed, process_index,
-                             process_count, shuffle) for i in active]
+    datasets = [task_dataset(sources[entries[i].name], renderers[i], seed, shuffle=shuffle)
+                for i in active]
     stream = grain.MapDataset.select_from_datasets(
         datasets, WeightedInterleave([weights[names[i]] for i in active]))
     k = max(vocab.num_codebooks, 1)
-    fingerprint = {"tasks": names, "seed": int(seed), "split": split, "batch_size": int(batch_size),
-                   "seq_len": int(seq_len), "process_index": int(process_index),
-                   "process_count": int(process_count), "shuffle": shuffle}
+    # No process index or count: the stream and every row's packer are the same on any number
+    # of processes (elastic resume).
+    fingerprint = {"tasks": names, "seed": int(seed), "split": split, "rows": int(batch_size),
+                   "seq_len": int(seq_len), "shuffle": shuffle}
     it = PackedIterator(stream, batch_size, seq_len, k, layout,
-                        lookahead if lookahead is not None else max(4, 2 * batch_size),
-                        read_threads=int(_get(cfg_data, "read_threads", 0) or 0),
-                        prefetch=int(_get(cfg_data, "prefetch", 0) or 0) * batch_size,
-                        task_names=names, fingerprint=fingerprint)
+                        int(_get(cfg_data, "row_lookahead", 8)) if lookahead is None else lookahead,
+                        process_index, process_count, seed, names, fingerprint)
     it.weights = weights
     it.report = mix.mixture_report(entries, {n: len(sources[n]) for n in names}, means)
     return it
@@ -515,7 +622,7 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
     sources = {e.name: open_source(local[e.name], split) for e in entries}
     return make_iterator(sources, cfg.data,
                          vocab_of(cfg.model),
-                         cfg.train.batch_size // process_count, cfg.train.seq_len,
+                         cfg.train.batch_size, cfg.train.seq_len,
                          cfg.seed if split == "train" else cfg.data.eval_seed,
                          process_index=process_index, process_count=process_count, split=split,
                          stream_weights=cfg.model.audio_stream_weights(), **audio)

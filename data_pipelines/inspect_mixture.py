@@ -97,9 +97,30 @@ def _seqio_rows(cfg, it, taken, realised) -> list[dict]:
     return rows
 
 
-def inspect_mixture(cfg, batches: int = 20, row: int = 0) -> dict:
+def resume_position(it, state: dict, step: int) -> dict:
+    """Where a run stands in its Grain mixture (from its checkpoint's data state, restored into
+    `it`): examples consumed per task (placed in trained batches), epochs over each task's train
+    split, and the examples waiting in the rows' packers."""
+    names = list(it.task_names)
+    consumed = [0] * len(names)
+    for p in state["packers"].values():
+        for t, n in enumerate(p["tasks"][:len(names)]):
+            consumed[t] += int(n)
+    waiting = [0] * len(names)
+    for p in it.packers.values():
+        for e in p.pending:
+            waiting[e.task] += 1
+    examples = {r["name"]: r["examples"] for r in it.report}
+    return {"step": step, "batches": int(state.get("batches", 0)), "tasks": [
+        {"name": n, "consumed": consumed[i], "waiting": waiting[i],
+         "epochs": consumed[i] / examples[n] if examples.get(n) else None}
+        for i, n in enumerate(names)]}
+
+
+def inspect_mixture(cfg, batches: int = 20, row: int = 0, resume: Optional[tuple] = None) -> dict:
     """Measure the mixture of `cfg.data.mixture` (Grain) or of the SeqIO source (train split, the
-    whole data as one process)."""
+    whole data as one process). resume: (step, data state with every row) of a Grain mixture run
+    whose position to report; the measured batches are then the ones it trains on next."""
     from ualm_jax.format.vocab import JointVocab
 
     if cfg.data.source not in ("mixture", "seqio"):
@@ -114,6 +135,7 @@ def inspect_mixture(cfg, batches: int = 20, row: int = 0) -> dict:
         it = make_seqio_iterator(cfg, "train", process_index=0, process_count=1)
     else:
         it = make_config_iterator(cfg, "train", process_index=0, process_count=1)
+    position = _restore_position(it, cfg, resume) if resume else None
     names = list(it.task_names)
     taken = [next(it) for _ in range(batches)]
     realised = realised_shares(iter(taken), batches, names)
@@ -133,11 +155,30 @@ def inspect_mixture(cfg, batches: int = 20, row: int = 0) -> dict:
                       "epochs": (used * share / avail if avail else float("inf"))
                       if avail is not None else None})
     vocab = JointVocab.from_model_config(cfg.model)
-    return {"source": cfg.data.source, "batches": batches, "batch_size": t.batch_size,
+    return {"source": cfg.data.source, "position": position, "batches": batches, "batch_size": t.batch_size,
             "seq_len": t.seq_len, "steps": t.steps, "run_tokens": run_tokens,
             "packing_efficiency": realised["packing_efficiency"],
             "counts": it.stats(), "tasks": tasks,
             "example": render_row(taken[0], row, names, vocab, _detokenizer(cfg))}
+
+
+def _restore_position(it, cfg, resume: tuple) -> dict:
+    step, state = resume
+    if cfg.data.source != "mixture":
+        raise ValueError(f"--resume-from reads a Grain mixture run's position (data.source="
+                         f"mixture); this config has data.source={cfg.data.source}")
+    it.set_state(state)  # every row's packer (the merged state), whatever the process count
+    return resume_position(it, state, step)
+
+
+def format_position(position: dict) -> str:
+    lines = [f"run position at step {position['step']} ({position['batches']} batches): "
+             "examples consumed per task"]
+    for t in position["tasks"]:
+        epochs = "-" if t["epochs"] is None else f"{t['epochs']:.3g}"
+        lines.append(f"  {t['name']:<14} {t['consumed']:>10,} consumed  {epochs:>8} epochs  "
+                     f"{t['waiting']:>4} waiting in the packers")
+    return "\n".join(lines + ["the batches measured below are the next ones this run trains on", ""])
 
 
 def format_inspect(result: dict) -> str:
@@ -161,7 +202,8 @@ def format_inspect(result: dict) -> str:
     if any(r["target_share"] is None for r in result["tasks"]):
         rates = "example rates (the SeqIO Mixture's own): " + ", ".join(
             f"{r['name']} {r['sampling_weight']:.4f}" for r in result["tasks"])
-    return "\n".join(([rates] if rates else []) + [
+    head_lines = [format_position(result["position"])] if result.get("position") else []
+    return "\n".join(head_lines + ([rates] if rates else []) + [
         f"{'SeqIO ' if result.get('source') == 'seqio' else ''}mixture over {result['batches']} "
         f"batches of {result['batch_size']} x {result['seq_len']}; "
         f"epochs at train.steps={result['steps']} ({result['run_tokens']:,} positions)",

@@ -51,8 +51,9 @@ def process_env(i: int, args) -> dict[str, str]:
 
 
 def train_argv(args) -> list[str]:
+    stop = ["--stop-after", str(args.stop_after)] if args.stop_after else []
     return [sys.executable, "-m", "ualm_jax.cli", "train", "--config", args.config,
-            "--run-dir", args.run_dir, *args.overrides]
+            "--run-dir", args.run_dir, *stop, *args.overrides]
 
 
 def _pump(prefix: str, stream, out) -> None:
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="passed to `ualm train`: at most this many steps, then save and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.num_processes < 1 or args.devices_per_process < 1:

@@ -313,6 +313,16 @@ def step_numbers(ckpts) -> list[int]:
     return sorted(int(p.name) for p in ckpts.iterdir() if is_step_dir(p)) if ckpts.is_dir() else []
 
 
+def read_data_state(path) -> tuple[int, Optional[dict]]:
+    """(step, data-iterator state or None) of a run's latest checkpoint (or of one step folder),
+    without reading the train state."""
+    _, ckpts, step = resolve(path)
+    item = ckpts / str(step) / DATA
+    if not item.exists():
+        return step, None
+    return step, ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
+
+
 def _looks_like_step(path) -> bool:
     return bool(_STEP_NAME.match(path.name)) and ((path / STATE).is_dir() or any(
         (path / n).exists() for n in (CHECKSUMS, COMMIT_FILES[0])))

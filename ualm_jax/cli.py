@@ -71,7 +71,9 @@ def _train(args) -> int:
     if not args.run_dir:
         raise ConfigError("ualm train needs --run-dir DIR (or --dry-run to check the setup "
                           "without writing anything)")
-    summary = train(cfg, args.run_dir, hooks=eval_hooks(cfg))
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after {args.stop_after}: expected a number of steps >= 1")
+    summary = train(cfg, args.run_dir, hooks=eval_hooks(cfg), max_steps_this_run=args.stop_after)
     if summary.get("nothing_trained"):
         print("rerun the same command to train")
     elif summary["preempted"]:
@@ -324,7 +326,21 @@ def _mixture(args) -> int:
     if args.mixture_command == "inspect":
         from data_pipelines.inspect_mixture import format_inspect, inspect_mixture, to_json
 
-        result = inspect_mixture(load_config(args.config, args.overrides), args.batches)
+        config, resume = args.config, None
+        if args.resume_from:
+            from ualm_jax.checkpoint import read_data_state, resolve
+            from ualm_jax.train.data import local_data_state
+
+            config = config or str(resolve(args.resume_from, verify=False)[0])
+            step, saved = read_data_state(args.resume_from)
+            if saved is None:
+                raise ValueError(f"{args.resume_from}: checkpoint step {step} holds no "
+                                 "data-iterator state")
+            resume = (step, local_data_state(saved))  # every row, merged over the processes
+        if config is None:
+            raise ValueError("mixture inspect needs --config (or --resume-from RUN, whose "
+                             "config.yaml it then reads)")
+        result = inspect_mixture(load_config(config, args.overrides), args.batches, resume=resume)
         print(to_json(result) if args.json else format_inspect(result))
     elif args.mixture_command == "eval":
         from ualm_jax.eval.mixture_eval import evaluate_mixture, format_table, to_json
@@ -348,7 +364,11 @@ def _add_mixture_parser(sub) -> None:
     msub = m.add_subparsers(dest="mixture_command", required=True)
     i = msub.add_parser("inspect", help="per task: data available, target vs realised token "
                         "share, epochs at the run length, packing efficiency; one packed row")
-    i.add_argument("--config", required=True, help="YAML config with data.source=mixture or seqio")
+    i.add_argument("--config", default=None, help="YAML config with data.source=mixture or seqio "
+                   "(default with --resume-from: the run's config.yaml)")
+    i.add_argument("--resume-from", default=None, metavar="RUN",
+                   help="a run (or step folder) of a Grain mixture: report its position (examples "
+                   "consumed per task, epochs) and measure the batches it trains on next")
     i.add_argument("--batches", type=int, default=20, help="packed batches to measure")
     i.add_argument("--json", action="store_true", help="one JSON object with a `tasks` list")
     add_overrides(i)
@@ -416,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="resolve the config, build the model, open the data, compile the train "
                         "step and report its memory; write nothing")
+    t.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="train at most this many steps in this invocation, save a checkpoint and "
+                        "exit (e.g. to fit a job's time slot); rerunning continues the run")
     add_overrides(t)
     t.set_defaults(func=_train)
 

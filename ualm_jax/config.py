@@ -411,8 +411,11 @@ class DataConfig:
     # true: text token id 0 (Qwen's "!") renders as pad 0 with no loss, as the reference's
     # preprocessing does; false (ours): it stays joint id text_offset like any other text id.
     text_id0_as_pad: bool = False
-    read_threads: int = 0  # Grain ReadOptions.num_threads (0 measured fastest on small hosts)
-    prefetch: int = 2  # batches prepared ahead of the step
+    read_threads: int = 0  # unused since rows read by random access (kept so older configs load)
+    # Examples each row's packer may hold back waiting for room (Grain mixture): more packs
+    # tighter (demo rows: 4 -> 95.8%, 8 -> 97.1% filled) and holds more rendered examples in memory.
+    row_lookahead: int = 8
+    prefetch: int = 2  # batches prepared ahead of the step (on the devices, by a host thread)
     eval_seed: int = 1234  # held-out batches come from a disjoint seed
     # false: every task reads its records in stored order (no shuffle), e.g. to compare the Grain
     # and SeqIO paths batch for batch or to debug one record.
@@ -430,6 +433,10 @@ class DataConfig:
         if self.source == "mixture" and not self.mixture:
             raise ConfigError(f"{prefix}.source=mixture needs {prefix}.mixture entries")
         self.seqio.validate(f"{prefix}.seqio")
+        if self.prefetch < 1:
+            raise ConfigError(f"{prefix}.prefetch={self.prefetch} must be at least 1")
+        if self.row_lookahead < 1:
+            raise ConfigError(f"{prefix}.row_lookahead={self.row_lookahead} must be at least 1")
         if self.source == "seqio" and not (self.mixture or self.seqio.mixture):
             raise ConfigError(f"{prefix}.source=seqio needs {prefix}.seqio.mixture (a registered "
                               f"seqio Mixture or Task) or {prefix}.mixture entries (built data)")

@@ -673,12 +673,12 @@ train: {steps: 4, batch_size: 8, seq_len: 64, checkpoint_every: 2, eval_batches:
 """
 
 
-def launch_local(config, run_dir, *overrides, timeout=150) -> str:
-    """launch/local.py with 2 processes x 2 CPU devices; its whole process group is stopped on
-    timeout so no child outlives the test."""
-    p = subprocess.Popen([sys.executable, str(LAUNCH / "local.py"), "--num-processes", "2",
-                          "--devices-per-process", "2", "--config", str(config),
-                          "--run-dir", str(run_dir), *overrides],
+def launch_local(config, run_dir, *overrides, timeout=150, processes=2, devices=2) -> str:
+    """launch/local.py with `processes` x `devices` CPU devices; its whole process group is
+    stopped on timeout so no child outlives the test."""
+    p = subprocess.Popen([sys.executable, str(LAUNCH / "local.py"), "--num-processes",
+                          str(processes), "--devices-per-process", str(devices),
+                          "--config", str(config), "--run-dir", str(run_dir), *overrides],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True,
                          # Halves XLA:CPU compile time, most of this test; same numbers.
@@ -732,33 +732,77 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_pack_their_own_mixture_shares_and_resume(tmp_path):
-    """data.source=mixture: each process packs its own share of the built records; the checkpoint
-    holds both iterator positions and each process resumes from its own."""
+def test_elastic_resume_on_other_process_counts_trains_every_example_once(tmp_path, capsys):
+    """data.source=mixture, 8 CPU devices throughout: 2 processes x 4 devices train 2 steps, then
+    1 process x 8 devices resumes for 2 more, then 4 processes x 2 devices finish at step 6. The
+    examples trained over the whole run are exactly those of one uninterrupted process (the
+    final checkpoints' per-row packer states are equal: same stream positions, same waiting
+    examples), each step's loss is that run's, and the realised token shares are on target."""
     from data_pipelines.build import build
+    from data_pipelines.grain_pipeline import block_slot, make_config_iterator, realised_shares
     from data_pipelines.tokenizer import train_tiny_bpe
+    from ualm_jax.checkpoint import read_data_state
+    from ualm_jax.config import load_config
+    from ualm_jax.train.data import local_data_state
+    from ualm_jax.train.loop import train
 
     rng = np.random.default_rng(0)
     words = "one two three four five six seven eight nine ten".split()
-    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, 4))},
-                          {"role": "assistant", "content": " ".join(rng.choice(words, 3))}]}
-            for _ in range(64)]
-    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, n_answer in (("short", 3), ("long", 12)):
+        rows = [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, 4))},
+                              {"role": "assistant", "content": " ".join(rng.choice(words, n_answer))}]}
+                for _ in range(64)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = train_tiny_bpe(words * 8, 280, str(tmp_path / "tok"))
-    build("text-sft", str(tmp_path / "sft.jsonl"), str(tmp_path / "sft"), tokenizer=tok)
+    for name in ("short", "long"):
+        build("text-sft", str(tmp_path / f"{name}.jsonl"), str(tmp_path / name), tokenizer=tok)
+    mixture = (f"data: {{source: mixture, mixture: [{{name: short, path: '{tmp_path / 'short'}', "
+               f"share: 0.6}}, {{name: long, path: '{tmp_path / 'long'}', share: 0.4}}]}}\n")
     config, run = tmp_path / "mix.yaml", tmp_path / "run"
-    config.write_text(TINY + f"data: {{source: mixture, mixture: [{{name: text, path: '{tmp_path / 'sft'}'}}]}}\n")
+    config.write_text(TINY.replace("steps: 4", "steps: 6").replace("seq_len: 64", "seq_len: 128")
+                      .replace("mesh: {ici: {data: 1, fsdp: -1, tensor: 1}}",
+                               "mesh: {ici: {data: 1, fsdp: 8, tensor: 1}}") + mixture)
 
-    launch_local(config, run, "train.steps=2")
-    saved = json.loads((run / "checkpoints" / "2" / "data" / "metadata").read_text())  # Orbax JSON item
-    assert saved["process_count"] == 2
-    states = saved["processes"]
-    assert [s["fingerprint"]["process_index"] for s in states] == [0, 1]
-    assert all(s["fingerprint"]["process_count"] == 2 for s in states)
-    assert all(s["counts"]["batches"] == 2 for s in states)
+    launch_local(config, run, "--stop-after", "2", processes=2, devices=4)
+    saved = read_data_state(run)[1]
+    assert saved["process_count"] == 2 and len(saved["processes"][0]["packers"]) == 4
+    out = launch_local(config, run, "--stop-after", "2", processes=1, devices=8)
+    assert "[p0] resumed from step 2" in out
+    out = launch_local(config, run, processes=4, devices=2)
+    assert all(f"[p{i}] resumed from step 4" in out for i in range(4))
 
-    second = launch_local(config, run)
-    for i in (0, 1):
-        assert f"[p{i}] resumed from step 2" in second
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
+    straight = train(load_config(config), tmp_path / "straight")
+    assert straight["step"] == 6
+    (s1, elastic), (s2, one) = read_data_state(run), read_data_state(tmp_path / "straight")
+    assert s1 == s2 == 6 and elastic["process_count"] == 4
+    rows_e, rows_1 = local_data_state(elastic)["packers"], local_data_state(one)["packers"]
+    assert rows_e == rows_1
+
+    def trained(rows):  # global stream indices placed in trained batches
+        out = set()
+        for g, p in rows.items():
+            read = {j * 8 + block_slot(0, j, 8, int(g)) for j in range(p["next"])}
+            out |= read - set(p["pending"])
+        return out
+
+    assert trained(rows_e) == trained(rows_1) and len(trained(rows_1)) == sum(
+        p["examples"] for p in rows_1.values())
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text()
+                                                  .splitlines()) if "loss" in r}
+              for d in (run, tmp_path / "straight")]
+    assert sorted(losses[0]) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert losses[0][step] == pytest.approx(losses[1][step], rel=1e-4), step
+    shares = realised_shares(make_config_iterator(load_config(config), "train", 0, 1), 6)["shares"]
+    assert shares["short"] == pytest.approx(0.6, abs=0.01)
+    assert shares["long"] == pytest.approx(0.4, abs=0.01)
+
+    # Where the run stands: examples consumed per task and epochs, from its checkpoint.
+    from ualm_jax.cli import main
+
+    capsys.readouterr()
+    assert main(["mixture", "inspect", "--resume-from", str(run), "--batches", "1", "--json"]) == 0
+    pos = json.loads(capsys.readouterr().out)["position"]
+    consumed = {t["name"]: t["consumed"] for t in pos["tasks"]}
+    assert pos["step"] == 6 and sum(consumed.values()) == len(trained(rows_1))
+    assert all(t["epochs"] == pytest.approx(t["consumed"] / 64) for t in pos["tasks"])

@@ -35,7 +35,7 @@ SOURCES = {kind: records(kind, 300, seed=i) for i, kind in enumerate(SHAPES)}
 def cfg(mixture=None, **kw):
     base = {"mixture": mixture or [{"name": "text", "share": 0.5}, {"name": "caption", "share": 0.2},
                                    {"name": "t2a", "share": 0.3}],
-            "cfg_dropout": 0.0, "max_clips_per_row": CLIPS, "read_threads": 0, "prefetch": 0}
+            "cfg_dropout": 0.0, "max_clips_per_row": CLIPS}
     return {**base, **kw}
 
 
@@ -181,36 +181,79 @@ def test_same_seed_same_batches_other_seed_differs():
     assert not np.array_equal(a["tokens"], b["tokens"])
 
 
-@pytest.mark.parametrize("read_threads", [0, 2])
-def test_resume_from_state_is_exact(read_threads):
-    threads = {"read_threads": read_threads, "prefetch": 2 if read_threads else 0}
-    it = iterator(cfg_dropout=0.3, **threads)
+def test_resume_from_state_is_exact():
+    it = iterator(cfg_dropout=0.3)
     take(it, 7)
     state = it.get_state()
-    assert state["pending"], "the test should resume with look-ahead examples waiting"
+    assert any(p["pending"] for p in state["packers"].values()), \
+        "the test should resume with look-ahead examples waiting"
     want = take(it, 5)
     for s in (state, json.loads(json.dumps(state))):
-        fresh = iterator(cfg_dropout=0.3, **threads)
+        fresh = iterator(cfg_dropout=0.3)
         fresh.set_state(s)
         assert_batches_equal(take(fresh, 5), want)
     assert fresh.stats()["batches"] == 12
     with pytest.raises(ValueError, match="seq_len=256 but this pipeline has seq_len=300"):
         iterator(seq=300).set_state(state)
+    with pytest.raises(ValueError, match="rows=4 but this pipeline has rows=8"):
+        iterator(batch=8).set_state(state)
 
 
-# Hosts --------------------------------------------------------------------------------------------
-def test_processes_read_disjoint_examples():
+# Hosts and elastic resume -------------------------------------------------------------------------
+def stacked(its, n):
+    """n global batches: each process's rows, stacked in process order."""
+    out = []
+    for _ in range(n):
+        parts = [next(it) for it in its]
+        out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return out
+
+
+def processes(count, **kw):
+    return [iterator(process_index=p, process_count=count, **kw) for p in range(count)]
+
+
+def test_processes_pack_disjoint_rows_of_the_one_global_batch():
+    """Each process packs only its own rows; together they are the global batch, whatever the
+    process count (one global stream, one packer per global row)."""
+    one = take(iterator(cfg_dropout=0.3), 6)
+    for count in (2, 4):
+        its = processes(count, cfg_dropout=0.3)
+        assert_batches_equal(stacked(its, 6), one)
     seen = []
-    for p in range(2):
-        it = iterator(process_index=p, process_count=2)
+    for it in processes(2):
         ids = set()
         for batch in take(it, 20):
             for r, start, _, task in examples(batch):
-                ids.add((it.task_names[task], rid(batch, r, start)))
-        seen.append(ids)
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    for host, ids in enumerate(seen):  # the shard is source[host::2]
-        assert all(i % 2 == host for _, i in ids)
+                ids.add((it.task_names[task], rid(batch, r, start), r))
+        seen.append({(t, i) for t, i, _ in ids})
+    assert seen[0] and seen[1] and seen[0] != seen[1]
+
+
+def test_resume_on_another_process_count_continues_the_same_global_batches():
+    """2 processes for 3 batches, then 1 process for 3, then 4 processes for 3: the same 9 global
+    batches as one process straight (states merged as the trainer merges them)."""
+    from ualm_jax.train.data import merge_row_states
+
+    straight = take(iterator(cfg_dropout=0.3), 9)
+    two = processes(2, cfg_dropout=0.3)
+    got = stacked(two, 3)
+    state = json.loads(json.dumps(merge_row_states([it.get_state() for it in two])))
+    one = iterator(cfg_dropout=0.3)
+    one.set_state(state)
+    got += take(one, 3)
+    four = processes(4, cfg_dropout=0.3)
+    for it in four:
+        it.set_state(one.get_state())
+    got += stacked(four, 3)
+    assert_batches_equal(got, straight)
+    # What each task has consumed is in the state, per row.
+    rows = merge_row_states([it.get_state() for it in four])["packers"]
+    placed = sum(len(examples(b)) for b in straight)
+    assert sum(p["examples"] for p in rows.values()) == placed == sum(
+        sum(p["tasks"]) for p in rows.values())
+    with pytest.raises(ValueError, match="holds no packer for row"):
+        iterator(process_index=1, process_count=2).set_state(two[0].get_state())
 
 
 # CFG dropout --------------------------------------------------------------------------------------
@@ -322,7 +365,7 @@ def test_config_iterator_uses_model_vocab_audio_window_and_host_share():
     assert opened == [("p/text", "validation"), ("p/cap", "validation")] and it.per_host
     assert b["tokens"].shape == (2, 128, max(c.model.num_codebooks, 1))
     assert b["audio_features"].shape == (2, 2, enc.max_mel_frames, enc.n_mels)
-    assert it.fingerprint["seed"] == c.data.eval_seed and it.fingerprint["process_index"] == 1
+    assert it.fingerprint["seed"] == c.data.eval_seed and it.global_rows == [2, 3]
     with pytest.raises(ValueError, match=r"data.mixture\[0\].path is empty"):
         c.data.mixture = [{"name": "text", "share": 1}]
         make_config_iterator(c, process_index=0, process_count=1, open_source=open_source)

@@ -225,10 +225,22 @@ def gather_data_state(state: dict) -> dict:
     return {"process_count": n, "processes": [json.loads(bytes(r).rstrip(b"\0")) for r in rows]}
 
 
+def merge_row_states(states: list) -> dict:
+    """The Grain mixture's per-row packer states of every process as one state: each process of
+    a resumed run, however many there are now, takes its rows from it (elastic resume)."""
+    merged = dict(states[0])
+    merged["packers"] = {k: v for s in states for k, v in s["packers"].items()}
+    return merged
+
+
 def local_data_state(saved: dict) -> dict:
-    """This process's iterator state from a checkpoint's (see gather_data_state)."""
-    if "processes" not in saved:  # saved by one process (a mixture's fingerprint checks counts)
+    """This process's iterator state from a checkpoint's (see gather_data_state). The Grain
+    mixture's state (one packer per global row) resumes on any process count; the others need
+    the count that saved them."""
+    if "processes" not in saved:  # saved by one process
         return saved
+    if all("packers" in s for s in saved["processes"]):
+        return merge_row_states(saved["processes"])
     n = int(saved["process_count"])
     if n != jax.process_count():
         raise ValueError(f"the checkpoint's data-iterator states were saved by {n} processes but "

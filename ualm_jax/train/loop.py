@@ -129,7 +129,8 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
     prefetch = data_lib.Prefetcher(train_iter, mesh, cfg.mesh.rules, names,
                                    host_spec=host_batch_spec(cfg, jax.process_count()),
                                    flops=functools.partial(batch_step_flops, cfg.model,
-                                                           adapter_trained=freeze.adapter_trained(spec)))
+                                                           adapter_trained=freeze.adapter_trained(spec)),
+                                   depth=cfg.data.prefetch)
     step, skipped, preempted, nothing_trained = start, 0, False, False
     pending = None  # (step, device metrics, task mix, model FLOPs): logged one step later
     last_eval = first_loss = last_logged = None
