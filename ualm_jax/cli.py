@@ -193,12 +193,16 @@ def _inspect(args) -> int:
 
 
 def _generate(args) -> int:
+    from ualm_jax.distributed import maybe_initialize
+
+    maybe_initialize()  # a multi-host job decodes each batch over every host's devices
     import json
     from pathlib import Path
 
     import numpy as np
     import soundfile as sf
 
+    from ualm_jax.distributed import owns
     from ualm_jax.infer.decode import GenerationConfig
     from ualm_jax.infer.tasks import answer, caption, load, reason, text_to_audio
 
@@ -222,7 +226,8 @@ def _generate(args) -> int:
     m = load(args.checkpoint, args.tokenizer, args.codec, overrides=args.overrides)
     gen_cfg = GenerationConfig(max_new=args.max_new, cfg_scale=args.cfg, seed=args.seed,
                                top_k=args.top_k, audio_temperature=args.temperature,
-                               max_audio_frames=args.max_audio_frames, uncond=args.uncond)
+                               max_audio_frames=args.max_audio_frames, uncond=args.uncond,
+                               batch=args.batch_size)
     # What every output records (printed, and as OUT.json beside each file written).
     settings = {"checkpoint": m.checkpoint, "step": m.step, "task": task, "seed": args.seed,
                 "cfg": args.cfg, "uncond": args.uncond, "top_k": args.top_k,
@@ -238,13 +243,17 @@ def _generate(args) -> int:
 
     if task in ("text-to-audio", "reason") and m.codec is None:
         raise ValueError("no codec to decode audio: pass --codec DIR or set data.codec")
+    # Every process runs every batch (one program over all devices); each writes and prints the
+    # outputs of its own lines (line i: process i mod processes).
     if task == "text-to-audio":
         codes = text_to_audio(m, [it["prompt"] for it in items], gen_cfg)
-        for it, c in zip(items, codes):
-            # batch mode: `out` resolved (and checked) by read_prompt_lines
-            print(json.dumps(write_wave(Path(it["out"]), c, {"prompt": it["prompt"]})))
+        for i, (it, c) in enumerate(zip(items, codes)):
+            if owns(i):  # batch mode: `out` resolved (and checked) by read_prompt_lines
+                print(json.dumps(write_wave(Path(it["out"]), c, {"prompt": it["prompt"]})))
     elif task == "reason":
-        for it, segs in zip(items, reason(m, [it["prompt"] for it in items], gen_cfg)):
+        for i, (it, segs) in enumerate(zip(items, reason(m, [it["prompt"] for it in items], gen_cfg))):
+            if not owns(i):
+                continue
             folder, parts = Path(it["out"]), []
             for j, (kind, value) in enumerate(segs):
                 if kind == "audio":
@@ -264,7 +273,9 @@ def _generate(args) -> int:
             texts = answer(m, [it["prompt"] for it in items], waves, gen_cfg)
         else:
             texts = caption(m, waves, gen_cfg)
-        for it, text in zip(items, texts):
+        for i, (it, text) in enumerate(zip(items, texts)):
+            if not owns(i):
+                continue
             key = "answer" if task == "answer" else "caption"
             print(json.dumps({**{k: it[k] for k in ("prompt", "audio") if it.get(k)}, key: text,
                               **settings}) if args.prompts else text)

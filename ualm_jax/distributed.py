@@ -83,3 +83,38 @@ def _cpu_collectives() -> None:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except AttributeError:  # option renamed or removed: nothing to do
         pass
+
+
+def allgather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order (a collective: call on all processes)."""
+    import jax
+
+    n = jax.process_count()
+    if n == 1:
+        return [obj]
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    padded = np.zeros(longest, np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(n, longest)
+    return [json.loads(bytes(r).rstrip(b"\0")) for r in rows]
+
+
+def owns(i: int) -> bool:
+    """Whether item i of a list every process walks in the same order is this process's to write
+    (items are dealt round-robin: i mod processes)."""
+    import jax
+
+    return i % jax.process_count() == jax.process_index()
+
+
+def is_main() -> bool:
+    """Process 0 (the one that writes merged reports)."""
+    import jax
+
+    return jax.process_index() == 0

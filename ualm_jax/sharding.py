@@ -154,6 +154,11 @@ def constrain(x, names: Sequence[Optional[str]]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def batch_shard_count(mesh: Mesh, rules: dict) -> int:
+    """Into how many parts a batch's rows split over `mesh` (the mesh axes of `act_batch`)."""
+    return math.prod(mesh.shape[a] for a in _mesh_axes_for("act_batch", rules))
+
+
 def batch_sharding(mesh: Mesh, rules: dict, ndim: int, shape=None) -> NamedSharding:
     names = ("act_batch",) + (None,) * (ndim - 1)
     return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))

@@ -70,9 +70,15 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
                     cfg_scale: float = 3.0, max_prompts: int | None = None, seed: int = 0, *,
                     max_new: int = 256, max_audio_frames: int = 500, batch_size: int = 16,
                     out_dir=None, uncond: str = "ours") -> GenerationEval:
-    """Generate one clip per prompt (m: tasks.Loaded) and compute every metric that can be."""
+    """Generate one clip per prompt (m: tasks.Loaded) and compute every metric that can be.
+
+    On several processes every one generates every batch (one program over all devices), then
+    decodes, writes and scores the prompts it owns (prompt i: process i mod processes); the
+    per-clip parts are pooled (distributed.allgather_json), so every process gets the metrics of
+    all the prompts, the same numbers one process gives."""
     from data_pipelines.features import load_audio
-    from ualm_jax.eval.generation_eval import evaluate_generation
+    from ualm_jax.distributed import allgather_json, owns
+    from ualm_jax.eval.generation_eval import clip_features, merge_features
     from ualm_jax.infer.decode import GenerationConfig
     from ualm_jax.infer.prompts import Synthesizer
 
@@ -81,13 +87,14 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
         raise ValueError("no prompts to evaluate")
     synth = Synthesizer(m, GenerationConfig(max_new=max_new, max_audio_frames=max_audio_frames,
                                             cfg_scale=cfg_scale, uncond=uncond),
-                      min(batch_size, len(prompts)))
+                        min(batch_size, len(prompts)))
     sr = synth.sample_rate
     captions = [p["prompt"].strip() for p in prompts]
-    waves = synth.waves(captions, seed)
-    seconds = float(np.mean([len(w) / sr for w in waves]))
+    mine = [i for i in range(len(prompts)) if owns(i)]
+    waves = synth.waves(captions, seed, keep=set(mine))
+    seconds = [len(waves[i]) / sr for i in mine]
     # An empty generation still counts (as 0.1 s of silence), so metrics see every prompt.
-    waves = [w if len(w) else np.zeros(sr // 10, np.float32) for w in waves]
+    own = {i: waves[i] if len(waves[i]) else np.zeros(sr // 10, np.float32) for i in mine}
     if out_dir is not None:  # a local folder or a gs:// URL
         import io
 
@@ -96,38 +103,47 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
         out = storage.as_path(out_dir)
         if not storage.is_url(out_dir):
             out.mkdir(parents=True, exist_ok=True)
-        for i, w in enumerate(waves):
+        for i, w in own.items():
             buf = io.BytesIO()
             sf.write(buf, w, sr, subtype="FLOAT", format="WAV")
             (out / f"sample_{i:04d}.wav").write_bytes(buf.getvalue())
 
     skipped: dict[str, str] = {}
     refs = [p["reference"] for p in prompts if p.get("reference")]
-    ref_waves = None
+    fd = None
     if fd_embedder is None:
         skipped["gen/fd"] = "no --fd-model"
     elif len(refs) < 2 or len(prompts) < 2:
         skipped["gen/fd"] = f"needs >= 2 prompts with 'reference' audio ({len(refs)} given)"
     else:
-        ref_waves = [load_audio(str(Path(base_dir) / r), sr) for r in refs]
+        fd = fd_embedder
     if clap is None:
         skipped["gen/clap"] = "no --clap model"
-    raw = evaluate_generation(waves, sr, ref_waves, sr if ref_waves else None, captions,
-                              embedder=fd_embedder if ref_waves else None, clap=clap)
-    results = {f"gen/{k}": v for k, v in raw.items()}
-
-    world = [(w, c) for w, c, p in zip(waves, captions, prompts) if p.get("events") is not None]
+    part = clip_features([own[i] for i in mine], sr, [captions[i] for i in mine],
+                         embedder=fd, clap=clap)
+    world = [(i, prompts[i]) for i in mine if prompts[i].get("events") is not None]
     if world:
         from data_pipelines.demo_world.analyser import score_caption
 
         # Against the prompt text, not the reference's events: a prompt states no timing.
-        strict, scores = zip(*(score_caption(w, c, sr) for w, c in world))
-        results["gen/world_match"] = MetricResult(float(np.mean(strict)), len(world), WORLD_JUDGE)
-        results["gen/world_judge"] = MetricResult(float(np.mean(scores)), len(world), WORLD_JUDGE)
-    else:
+        part["world"] = [list(score_caption(own[i], captions[i], sr)) for i, _ in world]
+    part["seconds"] = seconds
+    parts = allgather_json(part)
+    ref_waves = [load_audio(str(Path(base_dir) / r), sr) for r in refs] if fd is not None else None
+    raw = merge_features(parts, len(prompts), ref_waves, sr if ref_waves else None,
+                         embedder=fd, clap=clap)
+    results = {f"gen/{k}": v for k, v in raw.items()}
+    scored = [x for p in parts for x in p.get("world", [])]
+    if scored:
+        strict, scores = zip(*scored)
+        results["gen/world_match"] = MetricResult(float(np.mean(strict)), len(scored), WORLD_JUDGE)
+        results["gen/world_judge"] = MetricResult(float(np.mean(scores)), len(scored), WORLD_JUDGE)
+    elif not any(p.get("events") is not None for p in prompts):
         skipped["gen/world_match"] = "no prompt carries 'events' (not the procedural world)"
-    return GenerationEval(results, skipped, len(prompts), seconds,
-                          samples=list(zip(captions, waves))[:AUDIO_SUMMARIES], sample_rate=sr)
+    mean_seconds = float(np.mean([x for p in parts for x in p["seconds"]]))
+    return GenerationEval(results, skipped, len(prompts), mean_seconds,
+                          samples=[(captions[i], own[i]) for i in mine][:AUDIO_SUMMARIES],
+                          sample_rate=sr)
 
 
 def format_table(ev: GenerationEval, header: str = "") -> str:
@@ -142,8 +158,11 @@ def format_table(ev: GenerationEval, header: str = "") -> str:
 
 
 def eval_command(args) -> int:
+    from ualm_jax.distributed import is_main, maybe_initialize
     from ualm_jax.infer.prompts import read_prompts
     from ualm_jax.infer.tasks import load
+
+    maybe_initialize()  # a multi-host job: every host generates, each scores its own prompts
 
     prompts = read_prompts(args.prompts)  # before loading anything: a bad file fails fast
     clap, fd = make_clap(args.clap), make_fd_embedder(args.fd_model)
@@ -158,6 +177,8 @@ def eval_command(args) -> int:
                "mean_seconds": ev.mean_seconds,
                "metrics": {k: r.to_dict() for k, r in sorted(ev.results.items())},
                "skipped": ev.skipped}
+    if not is_main():  # process 0 reports the merged numbers
+        return 0
     if args.out:
         (storage.as_path(args.out) / METRICS_FILE).write_text(json.dumps(payload, indent=1) + "\n")
     if args.json:
@@ -186,7 +207,6 @@ def add_eval_parser(sub):
     e.add_argument("--out", help=f"write the generated wavs and {METRICS_FILE} here")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     e.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
-    e.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     add_generation_args(e, sampling=False)
     e.set_defaults(func=eval_command)
     return e

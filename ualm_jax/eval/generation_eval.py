@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from ualm_jax.eval.embedders import AudioEmbedder, peak_normalise
-from ualm_jax.eval.metrics import KL_DIRECTION, MetricResult, clap_score, frechet_distance, kl_divergence
+from ualm_jax.eval.metrics import (KL_DIRECTION, MetricResult, clap_cosines, frechet_distance,
+                                   kl_divergence)
 
 
 def _tag(tagger, waves, sr) -> tuple[np.ndarray, str]:
@@ -28,6 +29,50 @@ def _fd_embeddings(embedder: AudioEmbedder, waves, sr, frames: bool) -> np.ndarr
     if frames:  # OpenL3-style: every frame is one sample of the distribution
         return np.concatenate(embedder.embed_frames(waves, sr))
     return embedder.embed_audio(waves, sr)
+
+
+def _normaliser(peak_db):
+    if peak_db is None:
+        return lambda ws: [np.asarray(w, np.float32) for w in ws]
+    return lambda ws: [peak_normalise(np.asarray(w, np.float32), peak_db) for w in ws]
+
+
+def clip_features(gen_waves: Sequence[np.ndarray], gen_sr: int,
+                  captions: Sequence[str] | None = None, *, embedder: AudioEmbedder | None = None,
+                  clap: AudioEmbedder | None = None, fd_frames: bool = False,
+                  peak_db: float | None = -1.0) -> dict:
+    """The per-clip parts of FD and CLAP (JSON-able, so processes that each generated some clips
+    can pool them): {"fd_rows": embedding rows, "clap": one cosine per clip}, for the models given.
+    merge_features turns the pooled parts into the metrics evaluate_generation reports."""
+    gen = _normaliser(peak_db)(gen_waves)
+    out: dict = {}
+    if embedder is not None:
+        out["fd_rows"] = _fd_embeddings(embedder, gen, gen_sr, fd_frames).tolist() if gen else []
+    if clap is not None and captions is not None:
+        if len(captions) != len(gen):
+            raise ValueError(f"{len(captions)} captions for {len(gen)} generated clips")
+        out["clap"] = clap_cosines(clap.embed_audio(gen, gen_sr),
+                                   clap.embed_text(list(captions))).tolist() if gen else []
+    return out
+
+
+def merge_features(parts: Sequence[dict], n: int, ref_waves=None, ref_sr: int | None = None, *,
+                   embedder: AudioEmbedder | None = None, clap: AudioEmbedder | None = None,
+                   fd_frames: bool = False, peak_db: float | None = -1.0) -> dict[str, MetricResult]:
+    """FD (generated rows of every part against the references) and CLAP (the mean of every
+    clip's cosine) from clip_features of all the clips, split over any number of parts."""
+    results: dict[str, MetricResult] = {}
+    if embedder is not None and ref_waves is not None:
+        emb_gen = np.asarray([r for p in parts for r in p.get("fd_rows", [])], np.float64)
+        ref = _normaliser(peak_db)(ref_waves)
+        emb_ref = _fd_embeddings(embedder, ref, ref_sr, fd_frames)
+        results["fd"] = MetricResult(frechet_distance(emb_gen, emb_ref), n=n, model=embedder.name,
+                                     details={"n_ref": len(ref), "rows_gen": len(emb_gen),
+                                              "rows_ref": len(emb_ref), "frames": fd_frames})
+    cos = [c for p in parts for c in p.get("clap", [])]
+    if clap is not None and cos:
+        results["clap"] = MetricResult(float(np.mean(cos)), n=len(cos), model=clap.name)
+    return results
 
 
 def evaluate_generation(gen_waves: Sequence[np.ndarray], gen_sr: int,
@@ -45,24 +90,14 @@ def evaluate_generation(gen_waves: Sequence[np.ndarray], gen_sr: int,
                None leaves levels alone.
     Returns {"fd", "clap", "kl"} -> MetricResult, for the models given.
     """
-    norm = (lambda ws: [peak_normalise(np.asarray(w, np.float32), peak_db) for w in ws]) \
-        if peak_db is not None else (lambda ws: [np.asarray(w, np.float32) for w in ws])
-    gen = norm(gen_waves)
-    ref = norm(ref_waves) if ref_waves is not None else None
-    results: dict[str, MetricResult] = {}
-
-    if embedder is not None and ref is not None:
-        emb_gen = _fd_embeddings(embedder, gen, gen_sr, fd_frames)
-        emb_ref = _fd_embeddings(embedder, ref, ref_sr, fd_frames)
-        results["fd"] = MetricResult(frechet_distance(emb_gen, emb_ref), n=len(gen), model=embedder.name,
-                                     details={"n_ref": len(ref), "rows_gen": len(emb_gen),
-                                              "rows_ref": len(emb_ref), "frames": fd_frames})
-
-    if clap is not None and captions is not None:
-        if len(captions) != len(gen):
-            raise ValueError(f"{len(captions)} captions for {len(gen)} generated clips")
-        results["clap"] = MetricResult(clap_score(clap.embed_audio(gen, gen_sr), clap.embed_text(captions)),
-                                       n=len(gen), model=clap.name)
+    part = clip_features(gen_waves, gen_sr, captions,
+                         embedder=embedder if ref_waves is not None else None, clap=clap,
+                         fd_frames=fd_frames, peak_db=peak_db)
+    results = merge_features([part], len(gen_waves), ref_waves, ref_sr, embedder=embedder,
+                             clap=clap if captions is not None else None, fd_frames=fd_frames,
+                             peak_db=peak_db)
+    gen = _normaliser(peak_db)(gen_waves)
+    ref = _normaliser(peak_db)(ref_waves) if ref_waves is not None else None
 
     if tagger is not None and ref is not None:
         if len(ref) != len(gen):

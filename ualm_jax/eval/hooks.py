@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
-
 from ualm_jax.config import Config
 from ualm_jax.train.metrics import AUDIO_KEY
 from ualm_jax.eval.cli_eval import generation_eval, make_clap, make_fd_embedder
 from ualm_jax.infer.prompts import read_prompts
-from ualm_jax.infer.tasks import from_params, set_params
+from ualm_jax.infer.tasks import from_params, inference_mesh, set_params
 
 
 def eval_hooks(cfg: Config) -> list:
@@ -25,10 +23,6 @@ class GenerationHook:
     def __init__(self, cfg: Config):
         self.cfg, self.loaded = cfg, None
         self.enabled = bool(cfg.eval.prompts)
-        if self.enabled and jax.process_count() > 1:  # generation runs on one host's copy
-            print("eval.prompts: generation metrics are computed by `ualm eval` on multi-host "
-                  "runs, not in the loop", flush=True)
-            self.enabled = False
         if self.enabled:
             self.prompts = read_prompts(cfg.eval.prompts)  # a bad file fails before training
             self.clap = make_clap(cfg.eval.clap or None)
@@ -37,10 +31,11 @@ class GenerationHook:
     def __call__(self, params, step: int) -> dict:
         if not self.enabled:
             return {}
-        host = jax.device_get(params)
+        # The live, sharded parameters decode in place under the training mesh (every process
+        # of a multi-host run takes part; each scores its own prompts, the metrics are pooled).
         if self.loaded is None:
-            self.loaded = from_params(self.cfg, host)
-        set_params(self.loaded, host)
+            self.loaded = from_params(self.cfg, params, *inference_mesh(self.cfg))
+        set_params(self.loaded, params)
         e = self.cfg.eval
         ev = generation_eval(self.loaded, self.prompts, Path(e.prompts).resolve().parent,
                              self.clap, self.fd, e.cfg_scale, e.max_prompts, self.cfg.seed)

@@ -147,14 +147,19 @@ def kl_divergence(ref: np.ndarray, gen: np.ndarray, kind: str = "softmax", input
 
 # ---------------------------------------------------------------- CLAP score
 
-def clap_score(audio_emb: np.ndarray, text_emb: np.ndarray) -> float:
-    """Mean cosine similarity between row i of the audio and row i of the text embeddings."""
+def clap_cosines(audio_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """Cosine similarity between row i of the audio and row i of the text embeddings, per row."""
     a, t = np.asarray(audio_emb, np.float64), np.asarray(text_emb, np.float64)
     if a.shape != t.shape or a.ndim != 2:
         raise ValueError(f"need matching [N, D] arrays, got {a.shape} and {t.shape}")
     # A floor on the norm product (eps 1e-8, as torch.cosine_similarity): zero rows give 0, not nan.
     denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(t, axis=1), 1e-8)
-    return float(((a * t).sum(axis=1) / denom).mean())
+    return (a * t).sum(axis=1) / denom
+
+
+def clap_score(audio_emb: np.ndarray, text_emb: np.ndarray) -> float:
+    """Mean cosine similarity between row i of the audio and row i of the text embeddings."""
+    return float(clap_cosines(audio_emb, text_emb).mean())
 
 
 # ---------------------------------------------------------------- text answers

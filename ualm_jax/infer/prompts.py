@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ualm_jax.infer.decode import GenerationConfig
 from ualm_jax.infer.tasks import text_to_audio
@@ -46,8 +45,9 @@ def derive_seed(*parts: int) -> int:
 
 
 class Synthesizer:
-    """Captions -> codec codes / waveforms in fixed-size batches (the last one padded), so with
-    tasks.generator_for's cached decoders the decode step compiles once per run."""
+    """Captions -> codec codes / waveforms, `batch_size` prompts per decode batch (tasks.in_batches:
+    fixed rows, so the decoder compiles once per run). Each caption samples with (seed, its uid):
+    the same caption, uid and seed give the same clip whatever the batching or process count."""
 
     def __init__(self, m, gen_cfg: GenerationConfig, batch_size: int = 16):
         if m.codec is None:
@@ -56,19 +56,10 @@ class Synthesizer:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         self.m, self.gen_cfg, self.batch_size = m, gen_cfg, batch_size
 
-    def codes(self, captions: list[str], seed: int) -> list[np.ndarray]:
-        """Codes [T, K] per caption; batch b samples with derive_seed(seed, b). Every batch is
-        padded to `batch_size` rows (build with min(batch_size, prompts) for small runs)."""
-        rows = self.batch_size
-        out: list[np.ndarray] = []
-        starts = range(0, len(captions), rows)
-        for b, start in enumerate(tqdm(starts, desc="generating", unit="batch", disable=None,
-                                       leave=False) if len(starts) > 1 else starts):
-            chunk = list(captions[start:start + rows])
-            padded = chunk + [chunk[-1]] * (rows - len(chunk))  # fixed rows: no recompile
-            cfg = dataclasses.replace(self.gen_cfg, seed=derive_seed(seed, b))
-            out += text_to_audio(self.m, padded, cfg)[:len(chunk)]
-        return out
+    def codes(self, captions: list[str], seed: int, uids=None) -> list[np.ndarray]:
+        """Codes [T, K] per caption; uids default to the captions' indices."""
+        cfg = dataclasses.replace(self.gen_cfg, seed=int(seed), batch=self.batch_size)
+        return text_to_audio(self.m, list(captions), cfg, uids)
 
     @property
     def sample_rate(self) -> int:
@@ -80,5 +71,9 @@ class Synthesizer:
             return np.zeros(0, np.float32)
         return np.asarray(self.m.codec.decode(codes), np.float32).reshape(-1)
 
-    def waves(self, captions: list[str], seed: int) -> list[np.ndarray]:
-        return [self.decode(c) for c in self.codes(captions, seed)]
+    def waves(self, captions: list[str], seed: int, uids=None, keep=None) -> list[np.ndarray]:
+        """Waveforms; with `keep` (indices), only those are decoded (the others are empty): a
+        process of a multi-host job decodes the clips it writes."""
+        codes = self.codes(captions, seed, uids)
+        return [self.decode(c) if keep is None or i in keep else np.zeros(0, np.float32)
+                for i, c in enumerate(codes)]

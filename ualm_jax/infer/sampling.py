@@ -47,7 +47,8 @@ def sample(key, logits, allowed, temperature, top_k: int):
 
 
 def cfg_mix(logits, scale: float):
-    """UALM's guidance: l = lambda * l_cond + (1 - lambda) * l_uncond on stacked [cond; uncond]
-    rows (lambda = 1 + s in the c + s*(c-u) convention)."""
-    b = logits.shape[0] // 2
-    return scale * logits[:b] + (1.0 - scale) * logits[b:]
+    """UALM's guidance: l = lambda * l_cond + (1 - lambda) * l_uncond on pair-interleaved rows
+    [c0, u0, c1, u1, ...] (pairs stay on one shard of a sharded batch; lambda = 1 + s in the
+    c + s*(c-u) convention)."""
+    pairs = logits.reshape(logits.shape[0] // 2, 2, *logits.shape[1:])
+    return scale * pairs[:, 0] + (1.0 - scale) * pairs[:, 1]

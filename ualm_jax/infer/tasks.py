@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ualm_jax.checkpoint import load_params, resolve
 from ualm_jax.cli_args import add_overrides
@@ -25,6 +26,7 @@ from ualm_jax.infer.decode import GenerationConfig, Generator, audio_codes, gene
 from ualm_jax.format import vocab as V
 from ualm_jax.format.layout import AudioLayout, encoder_positions
 from ualm_jax.format.vocab import JointVocab, vocab_of
+from ualm_jax.sharding import batch_shard_count
 
 
 @dataclass
@@ -37,10 +39,32 @@ class Loaded:
     generators: dict = field(default_factory=dict, repr=False)
     checkpoint: str | None = None  # where the parameters came from (sidecars name it)
     step: int | None = None
+    mesh: object = None  # decoding runs sharded over it (None: one device)
+    rules: dict | None = None
 
 
 LEN_BUCKET = 64
 UNCOND = ("ours", "reference")  # GenerationConfig.uncond / --uncond
+
+
+def inference_mesh(cfg):
+    """The run's mesh (`mesh.*`, overridable) when the devices present fit it, else FSDP over every
+    device: a run trained on a pod still generates on one host. -> (mesh, rules)."""
+    from ualm_jax.config import MeshConfig
+    from ualm_jax.sharding import make_mesh
+
+    try:
+        return make_mesh(cfg.mesh), cfg.mesh.rules
+    except ConfigError as e:
+        fallback = MeshConfig(rules=cfg.mesh.rules)  # default sizes: fsdp=-1
+        print(f"generation: the run's mesh does not fit these devices ({e}); decoding with FSDP "
+              "over all of them (set mesh.ici.* to choose)", flush=True)
+        return make_mesh(fallback), cfg.mesh.rules
+
+
+def batch_shards(m: Loaded) -> int:
+    """How many ways a decode batch's rows are split over the mesh (data x fsdp)."""
+    return 1 if m.mesh is None else batch_shard_count(m.mesh, m.rules)
 
 
 def generator_for(m: Loaded, rows: int, max_len: int) -> Generator:
@@ -48,20 +72,49 @@ def generator_for(m: Loaded, rows: int, max_len: int) -> Generator:
     length is rounded up to LEN_BUCKET so calls of similar lengths share one compile."""
     key = (int(rows), -(-int(max_len) // LEN_BUCKET) * LEN_BUCKET)
     if key not in m.generators:
-        m.generators[key] = Generator(m.cfg.model, m.params, *key)
+        m.generators[key] = Generator(m.cfg.model, m.params, *key, mesh=m.mesh, rules=m.rules)
     return m.generators[key]
+
+
+def in_batches(m: Loaded, items: list, gen_cfg: GenerationConfig, fn, uids=None) -> list:
+    """fn(chunk, chunk_uids) -> one output per item, over chunks of gen_cfg.batch items. Every
+    chunk has the same number of rows (the last one padded with copies of its last item, whose
+    outputs are dropped), a multiple of the mesh's batch shards, so a decoder compiles once and
+    a guided cond/uncond pair never straddles two shards. uids key each item's sampling (default
+    its index): an output depends on its item, uid and seed, not on the batch it fell in."""
+    items = list(items)
+    if not items:
+        return []
+    uids = list(range(len(items))) if uids is None else [int(u) for u in uids]
+    shards = batch_shards(m)
+    size = -(-min(max(1, gen_cfg.batch), len(items)) // shards) * shards
+    out = []
+    starts = range(0, len(items), size)
+    for start in (tqdm(starts, desc="generating", unit="batch", disable=None, leave=False)
+                  if len(starts) > 1 else starts):
+        chunk, u = items[start:start + size], uids[start:start + size]
+        pad = size - len(chunk)
+        out += fn(chunk + [chunk[-1]] * pad, u + [u[-1]] * pad)[:len(chunk)]
+    return out
 
 
 def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None = None,
          overrides=()) -> Loaded:
     """A checkpoint's parameters under its run config plus dotted `overrides` (e.g.
-    model.attention=xla); shape-defining model keys may not change."""
+    model.attention=xla, or mesh.* to decode under another mesh), loaded straight into their
+    shardings; shape-defining model keys may not change."""
+    from ualm_jax.model.params import param_shardings
+    from ualm_jax.model.ualm import UALM
+
     config_path, ckpts, step = resolve(checkpoint)  # checks the step's checksums first
     cfg = load_config(config_path, list(overrides))
     if overrides:  # the schema's shape fields may not change (the resume check, reused)
         check_same_model(config_path.parent, cfg,
                          f"{checkpoint} (with overrides {' '.join(overrides)})")
-    m = from_params(cfg, load_params(ckpts / str(step), verify=False), tokenizer, codec)
+    mesh, rules = inference_mesh(cfg)
+    shardings, shapes, _ = param_shardings(UALM(cfg.model), mesh, rules)
+    params = load_params(ckpts / str(step), shapes, shardings, verify=False)
+    m = from_params(cfg, params, mesh, rules, tokenizer, codec)
     m.checkpoint, m.step = str(checkpoint), int(step)
     return m
 
@@ -81,13 +134,17 @@ def add_generation_args(p, sampling: bool = True) -> None:
     p.add_argument("--max-audio-frames", type=int, default=500,
                    help="stop an audio output after this many codec frames")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (outputs repeat with it)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per decode batch (outputs do not depend on it)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
     p.add_argument("--codec", help="codec dir (default: data.codec of the run)")
     add_overrides(p)
 
 
-def from_params(cfg, params, tokenizer: str | None = None, codec: str | None = None) -> Loaded:
-    """A model ready to generate from a config and parameters (a checkpoint's or live ones)."""
+def from_params(cfg, params, mesh=None, rules=None, tokenizer: str | None = None,
+                codec: str | None = None) -> Loaded:
+    """A model ready to generate from a config and parameters (a checkpoint's or live ones),
+    decoding over `mesh` when given."""
     tok_path = tokenizer or cfg.data.tokenizer
     if not tok_path:
         raise ConfigError("no tokenizer: pass --tokenizer or set data.tokenizer in the run config")
@@ -100,7 +157,7 @@ def from_params(cfg, params, tokenizer: str | None = None, codec: str | None = N
         from data_pipelines.codecs import load_codec
 
         codec_obj = load_codec(codec_dir)
-    return Loaded(cfg, params, vocab_of(cfg.model), tok, codec_obj)
+    return Loaded(cfg, params, vocab_of(cfg.model), tok, codec_obj, mesh=mesh, rules=rules)
 
 
 def set_params(m: Loaded, params) -> None:
@@ -144,14 +201,20 @@ def text_to_audio_prompts(m: Loaded, captions: list[str], uncond: str = "ours"):
     return cond, unconds
 
 
-def text_to_audio(m: Loaded, captions: list[str], gen_cfg: GenerationConfig) -> list[np.ndarray]:
-    """-> codec codes [T, K] per caption (decode with m.codec)."""
+def text_to_audio(m: Loaded, captions: list[str], gen_cfg: GenerationConfig,
+                  uids=None) -> list[np.ndarray]:
+    """-> codec codes [T, K] per caption (decode with m.codec), in batches (in_batches)."""
+    return in_batches(m, captions, gen_cfg, lambda c, u: _text_to_audio(m, c, gen_cfg, u), uids)
+
+
+def _text_to_audio(m: Loaded, captions: list[str], gen_cfg: GenerationConfig, uids):
     cond, uncond = text_to_audio_prompts(m, captions, gen_cfg.uncond)
     guided = gen_cfg.cfg_scale != 1.0
     rows = len(captions) * (2 if guided else 1)
     max_len = max(len(p) for p in cond) + gen_cfg.max_new
     gen = generator_for(m, rows, max_len)
-    out = generate(gen, cond, gen_cfg, start_phase="audio", uncond_prompts=uncond if guided else None)
+    out = generate(gen, cond, gen_cfg, start_phase="audio", uncond_prompts=uncond if guided else None,
+                   uids=uids)
     return [audio_codes(segs[0], m.vocab) for segs in out]
 
 
@@ -234,13 +297,20 @@ def reply_inputs(m: Loaded, texts: list[str], waves: list):
     return (prompts, slot_arr) + _pack_windows(m, windows)
 
 
-def _reply(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig) -> list[str]:
-    """One batched generation of text replies (see reply_prompts)."""
+def _reply(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig,
+           uids=None) -> list[str]:
+    """Text replies (see reply_prompts), in batches (in_batches)."""
+    return in_batches(m, list(zip(texts, waves)), gen_cfg,
+                      lambda c, u: _reply_batch(m, [t for t, _ in c], [w for _, w in c], gen_cfg, u),
+                      uids)
+
+
+def _reply_batch(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig, uids):
     prompts, slots, feats, mel_mask = reply_inputs(m, texts, waves)
     longest = max(len(p) for p in prompts)
     gen = generator_for(m, len(prompts), longest + gen_cfg.max_new)
     out = generate(gen, prompts, gen_cfg, start_phase="text", audio_features=feats,
-                   audio_slots=slots, audio_mel_mask=mel_mask)
+                   audio_slots=slots, audio_mel_mask=mel_mask, uids=uids)
     texts = []
     for segs in out:
         ids = [i for s in segs if s.modality == "text" for i in s.ids]
@@ -249,30 +319,36 @@ def _reply(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig) 
     return texts
 
 
-def caption(m: Loaded, waves: list[np.ndarray], gen_cfg: GenerationConfig) -> list[str]:
+def caption(m: Loaded, waves: list[np.ndarray], gen_cfg: GenerationConfig, uids=None) -> list[str]:
     from ualm_jax.format.template import AUDIO_TO_CAPTION_PROMPT
 
     if not m.cfg.model.audio_encoder.enabled:
         raise ConfigError("this model has no audio encoder (model.audio_encoder.enabled=false)")
-    return _reply(m, [AUDIO_TO_CAPTION_PROMPT] * len(waves), list(waves), gen_cfg)
+    return _reply(m, [AUDIO_TO_CAPTION_PROMPT] * len(waves), list(waves), gen_cfg, uids)
 
 
-def answer(m: Loaded, questions: list[str], waves: list, gen_cfg: GenerationConfig) -> list[str]:
+def answer(m: Loaded, questions: list[str], waves: list, gen_cfg: GenerationConfig,
+           uids=None) -> list[str]:
     """Text answers to user questions, each with one 16 kHz clip or None (text only), laid out as
     the audio-QA and text-SFT builders lay out their rows: question, then audio."""
-    return _reply(m, list(questions), list(waves), gen_cfg)
+    return _reply(m, list(questions), list(waves), gen_cfg, uids)
 
 
-def reason(m: Loaded, prompts: list[str], gen_cfg: GenerationConfig) -> list[list[tuple]]:
+def reason(m: Loaded, prompts: list[str], gen_cfg: GenerationConfig,
+           uids=None) -> list[list[tuple]]:
     """UALM-Reason: each user prompt -> the assistant's whole reply, segment by segment, as the
     reason builder lays it out (a text plan, audio, a caption and critique, revised audio, ...):
     [("text", str) | ("audio", codes [T, K])] per prompt. The model chooses each next segment's
     modality after `<eot>`; `<eos>` ends the reply."""
+    return in_batches(m, list(prompts), gen_cfg, lambda c, u: _reason(m, c, gen_cfg, u), uids)
+
+
+def _reason(m: Loaded, prompts: list[str], gen_cfg: GenerationConfig, uids) -> list[list[tuple]]:
     prompts_, _, _, _ = reply_inputs(m, list(prompts), [None] * len(prompts))
     longest = max(len(p) for p in prompts_)
     gen = generator_for(m, len(prompts_), longest + gen_cfg.max_new)
     out = []
-    for segs in generate(gen, prompts_, gen_cfg, start_phase="text"):
+    for segs in generate(gen, prompts_, gen_cfg, start_phase="text", uids=uids):
         row = []
         for seg in segs:
             if seg.modality == "audio":

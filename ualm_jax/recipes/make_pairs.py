@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ualm_jax.distributed import allgather_json, is_main, owns
 from ualm_jax.infer.decode import GenerationConfig
 from ualm_jax.infer.prompts import Synthesizer, derive_seed, read_prompts  # noqa: F401
 
@@ -148,42 +149,60 @@ def make_pairs(checkpoint, prompts_file, samples: int, judge, out_dir, threshold
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     started = time.time()
-    too_short, all_scores, kept, skipped = 0, [], [], []
-    with open(out / MANIFEST_FILE, "w") as manifest, open(out / CHOSEN_FILE, "w") as chosen_f:
-        for block, start in enumerate(range(0, len(prompts), batch_size)):
-            rows = prompts[start:start + batch_size]
-            captions = [r["prompt"].strip() for r in rows]
-            # [sample][prompt] waveforms; sample j of this block draws from its own seed.
-            waves = [synth.waves(captions, derive_seed(seed, block, j)) for j in range(samples)]
-            valid = [[j for j in range(samples) if len(waves[j][i]) >= min_seconds * sr]
-                     for i in range(len(rows))]
-            too_short += sum(samples - len(v) for v in valid)
-            flat = [(i, j) for i, v in enumerate(valid) for j in v]
-            scores = judge.score([waves[j][i] for i, j in flat], sr,
-                                 [captions[i] for i, _ in flat]) if flat else []
-            per_prompt: dict[int, list] = {}
-            for (i, j), s in zip(flat, scores):
-                if np.isfinite(s):
-                    per_prompt.setdefault(i, []).append((float(s), j))
-                    all_scores.append(float(s))
-            for i, row in enumerate(rows):
-                pick, reason, detail = _choose(per_prompt.get(i, []), samples, threshold, min_seconds)
-                if pick is None:
-                    skipped.append({"line": row["_line"], "id": row.get("id"),
-                                    "prompt": captions[i], "reason": reason, "detail": detail})
-                    continue
-                (best, jb), (worst, jw) = pick
-                pid = _prompt_id(start + i, row)
-                rel_c, rel_r = f"audio/{pid}_s{jb}.wav", f"audio/{pid}_s{jw}.wav"
-                # Float WAV: what the judge scored is exactly what the builder re-encodes.
-                sf.write(out / rel_c, waves[jb][i], sr, subtype="FLOAT")
-                sf.write(out / rel_r, waves[jw][i], sr, subtype="FLOAT")
-                split = {"split": row["split"]} if row.get("split") in ("train", "validation") else {}
-                manifest.write(json.dumps({"prompt": captions[i], "chosen": rel_c, "rejected": rel_r,
-                                           "id": row.get("id", pid), "score_chosen": best,
-                                           "score_rejected": worst, **split}) + "\n")
-                chosen_f.write(json.dumps({"audio": rel_c, "caption": captions[i], **split}) + "\n")
-                kept.append((best, worst))
+    # Every process generates every block (one program over all devices); each judges and writes
+    # the prompts it owns (prompt i: process i mod processes), then process 0 merges.
+    too_short, all_scores, kept, skipped, entries = 0, [], [], [], []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start:start + batch_size]
+        captions = [r["prompt"].strip() for r in rows]
+        uids = list(range(start, start + len(rows)))
+        mine = [i for i in range(len(rows)) if owns(start + i)]
+        # [sample][prompt] waveforms; sample j of every prompt draws with derive_seed(seed, j).
+        waves = [synth.waves(captions, derive_seed(seed, j), uids, keep=set(mine))
+                 for j in range(samples)]
+        valid = {i: [j for j in range(samples) if len(waves[j][i]) >= min_seconds * sr]
+                 for i in mine}
+        too_short += sum(samples - len(v) for v in valid.values())
+        flat = [(i, j) for i in mine for j in valid[i]]
+        scores = judge.score([waves[j][i] for i, j in flat], sr,
+                             [captions[i] for i, _ in flat]) if flat else []
+        per_prompt: dict[int, list] = {}
+        for (i, j), s in zip(flat, scores):
+            if np.isfinite(s):
+                per_prompt.setdefault(i, []).append((float(s), j))
+                all_scores.append(float(s))
+        for i in mine:
+            row = rows[i]
+            pick, reason, detail = _choose(per_prompt.get(i, []), samples, threshold, min_seconds)
+            if pick is None:
+                skipped.append({"line": row["_line"], "id": row.get("id"),
+                                "prompt": captions[i], "reason": reason, "detail": detail})
+                continue
+            (best, jb), (worst, jw) = pick
+            pid = _prompt_id(start + i, row)
+            rel_c, rel_r = f"audio/{pid}_s{jb}.wav", f"audio/{pid}_s{jw}.wav"
+            # Float WAV: what the judge scored is exactly what the builder re-encodes.
+            sf.write(out / rel_c, waves[jb][i], sr, subtype="FLOAT")
+            sf.write(out / rel_r, waves[jw][i], sr, subtype="FLOAT")
+            split = {"split": row["split"]} if row.get("split") in ("train", "validation") else {}
+            entries.append([start + i,
+                            {"prompt": captions[i], "chosen": rel_c, "rejected": rel_r,
+                             "id": row.get("id", pid), "score_chosen": best,
+                             "score_rejected": worst, **split},
+                            {"audio": rel_c, "caption": captions[i], **split}])
+            kept.append((best, worst))
+    parts = allgather_json({"entries": entries, "kept": kept, "skipped": skipped,
+                            "scores": all_scores, "too_short": too_short})
+    entries = sorted((e for p in parts for e in p["entries"]), key=lambda e: e[0])
+    kept = [tuple(k) for p in parts for k in p["kept"]]
+    skipped = sorted((x for p in parts for x in p["skipped"]), key=lambda x: x["line"])
+    all_scores = [x for p in parts for x in p["scores"]]
+    too_short = sum(p["too_short"] for p in parts)
+    if is_main():
+        with open(out / MANIFEST_FILE, "w") as manifest, open(out / CHOSEN_FILE, "w") as chosen_f:
+            for _, pair, chosen in entries:
+                manifest.write(json.dumps(pair) + "\n")
+                chosen_f.write(json.dumps(chosen) + "\n")
     by_reason: dict[str, int] = {}
     for s in skipped:
         by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
@@ -202,18 +221,24 @@ def make_pairs(checkpoint, prompts_file, samples: int, judge, out_dir, threshold
                          f"--out BUILT_DIR --tokenizer {tok_path} --codec {codec_dir}",
         "seconds": round(time.time() - started, 2),
     }
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    if is_main():
+        (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
 # CLI ----------------------------------------------------------------------------------------------
 def make_pairs_command(args) -> int:
+    from ualm_jax.distributed import maybe_initialize
+
+    maybe_initialize()  # a multi-host job: every host generates, each judges its own prompts
     report = make_pairs(args.checkpoint, args.prompts, args.samples, args.judge, args.out,
                         threshold=args.threshold, cfg_scale=args.cfg, seed=args.seed,
                         tokenizer=args.tokenizer, codec=args.codec, max_new=args.max_new,
                         max_audio_frames=args.max_audio_frames, temperature=args.temperature,
                         top_k=args.top_k, batch_size=args.batch_size, min_seconds=args.min_seconds,
                         uncond=args.uncond, overrides=args.overrides)
+    if not is_main():  # process 0 merged and reports
+        return 0
     reasons = ", ".join(f"{k} {n}" for k, n in report["skipped_by_reason"].items())
     print(f"make-pairs: {report['prompts']} prompts x {report['samples_per_prompt']} samples -> "
           f"{report['pairs']} pairs, {report['skipped']} skipped{f' ({reasons})' if reasons else ''}"
@@ -242,7 +267,6 @@ def add_dpo_parser(sub):
                    help="keep a pair only when best - worst score >= this (ties never)")
     p.add_argument("--out", default="dpo_pairs", help="output folder")
     add_generation_args(p)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--min-seconds", type=float, default=0.1,
                    help="shorter samples are not paired (the preference builder's minimum)")
     p.set_defaults(func=make_pairs_command)

@@ -2,14 +2,13 @@
 global batch, and a background thread that keeps batches ready on the devices."""
 from __future__ import annotations
 
-import json
 import queue
 import threading
 
 import jax
-import numpy as np
 
 import ualm_jax.storage as storage
+from ualm_jax.distributed import allgather_json
 from ualm_jax.format.batch import BatchIterator, check_batch
 from ualm_jax.sharding import batch_sharding
 from ualm_jax.train.synthetic import TASKS, stream_for_model
@@ -215,14 +214,7 @@ def gather_data_state(state: dict) -> dict:
     n = jax.process_count()
     if n == 1:
         return state
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    longest = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
-    padded = np.zeros(longest, np.uint8)
-    padded[:raw.size] = raw
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(n, longest)
-    return {"process_count": n, "processes": [json.loads(bytes(r).rstrip(b"\0")) for r in rows]}
+    return {"process_count": n, "processes": allgather_json(state)}
 
 
 def merge_row_states(states: list) -> dict:
