@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ualm_jax.checkpoint import load_params, with_shardings
 from ualm_jax.config import Config
@@ -78,7 +79,9 @@ def setup_training(cfg: Config, task_names: Sequence[str], devices=None, rows: i
         setup.step_fn = _train_step(setup)
         setup.eval_fn = jax.jit(with_mesh_context(make_eval_step(model, len(task_names)), mesh,
                                                   cfg.mesh.rules),
-                                in_shardings=(shardings["params"], setup.batch_shardings))
+                                in_shardings=(shardings["params"], setup.batch_shardings),
+                                # Sums replicated: every process reads them (multi-host eval).
+                                out_shardings=NamedSharding(mesh, P()))
     return setup
 
 
