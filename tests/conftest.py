@@ -6,6 +6,19 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+# One XLA compilation cache for the whole run, subprocesses included: the tests compile the same
+# tiny train, eval and decode steps many times over (a cached program is the same program, so
+# results stay bit for bit what a fresh compile gives). Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="ualm-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 # gs:// through fsspec/gcsfs from the first path operation on (see ualm_jax/storage.py), so the
 # session-wide GCS server fixture works whatever ran before it.
 os.environ.setdefault("EPATH_USE_TF", "false")

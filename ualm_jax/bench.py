@@ -213,3 +213,74 @@ def bench_export(model: str, workdir: str, fmt: str = "pytorch") -> dict:
             "peak_rss_bytes": peak, "peak_over_checkpoint": peak / ckpt_bytes,
             "peak_over_model": peak / model_bytes, "seconds": seconds,
             "note": "peak includes earlier children of this process" if earlier else None}
+
+
+CODEC_FRAME_RATE = 50.0  # X-codec (and the demo's SpectralCodec): 16 kHz, hop 320
+
+
+def bench_decode(model: str, batch: int, prompt_len: int, max_new: int, mesh: str | None,
+                 devices: int | None = None, cfg_scale: float = 1.0, repeats: int = 2,
+                 host_loop: bool = True, overrides=()) -> dict:
+    """Text-to-audio decoding of random-weight `model` (every stream sampled, the delay ramps
+    forced): `batch` prompts of `prompt_len` text ids, `max_new` positions each, guidance when
+    cfg_scale != 1 (2 rows per prompt). Times the on-device loop (one dispatch per generation)
+    and, with host_loop, the host-driven reference loop (one dispatch and one host round trip
+    per position), both after a warm-up generation that compiles them."""
+    from ualm_jax.format import vocab as V
+    from ualm_jax.infer.decode import GenerationConfig, Generator, generate
+    from ualm_jax.model.params import init_params
+    from ualm_jax.sharding import make_mesh
+
+    cfg = bench_config(model, mesh, overrides=overrides)
+    if cfg.model.num_codebooks < 1:
+        raise ConfigError(f"model {model} has no audio streams to decode")
+    devs = jax.devices()[:devices] if devices else None
+    m = make_mesh(cfg.mesh, devs)
+    params = init_params(build_model(cfg.model), jax.random.key(cfg.seed))
+    k = cfg.model.num_codebooks
+    rng = np.random.default_rng(0)
+    vocab_text = cfg.model.text_vocab_size
+    cond, uncond = [], []
+    for _ in range(batch):
+        p = np.zeros((prompt_len + 5, k), np.int32)
+        p[:, 0] = [V.BOS, V.USER, V.TEXT, *(256 + rng.integers(0, vocab_text, prompt_len)),
+                   V.ASSISTANT, V.AUDIO]
+        u = p.copy()
+        u[:-2] = V.PAD
+        cond.append(p)
+        uncond.append(u)
+    guided = cfg_scale != 1.0
+    rows = batch * (2 if guided else 1)
+    t0 = time.perf_counter()
+    gen = Generator(cfg.model, params, rows, prompt_len + 5 + max_new + 32, mesh=m,
+                    rules=cfg.mesh.rules)
+    gcfg = GenerationConfig(max_new=max_new, max_audio_frames=max_new, cfg_scale=cfg_scale,
+                            batch=batch)
+
+    def run(on_device: bool):
+        out = generate(gen, cond, gcfg, "audio", uncond_prompts=uncond if guided else None,
+                       on_device=on_device)
+        return sum(len(segs[0].ids) for segs in out)  # positions written per prompt, summed
+
+    run(True)
+    setup_s = time.perf_counter() - t0
+    rec = {"bench": "decode", "model": model, "batch": batch, "rows": rows, "prompt_len": prompt_len,
+           "max_new": max_new, "cfg_scale": cfg_scale, "streams": k,
+           "mesh": {a: int(s) for a, s in m.shape.items()}, "devices": int(m.devices.size),
+           "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+           "compile_and_first_s": setup_s}
+    loops = [("device", True)] + ([("host", False)] if host_loop else [])
+    for name, on_device in loops:
+        if not on_device:
+            run(False)  # compile the per-step functions
+        t = time.perf_counter()
+        written = sum(run(on_device) for _ in range(repeats))
+        seconds = (time.perf_counter() - t) / repeats
+        written /= repeats
+        rec[f"{name}_loop"] = {
+            "seconds": seconds, "positions_per_s": written / seconds,
+            "frames": written, "audio_seconds_per_s": (written / CODEC_FRAME_RATE) / seconds,
+            "step_ms": 1e3 * seconds / max(max(written / batch, 1), 1)}
+    if host_loop:
+        rec["device_over_host"] = rec["device_loop"]["positions_per_s"] / rec["host_loop"]["positions_per_s"]
+    return rec

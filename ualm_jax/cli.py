@@ -46,6 +46,12 @@ def _bench(args) -> int:
         from ualm_jax.bench import bench_import
 
         print_json(bench_import(args.model, args.out))
+    if args.what == "decode":
+        from ualm_jax.bench import bench_decode
+
+        print_json(bench_decode(args.model, args.batch or 8, args.prompt_len, args.max_new,
+                                args.mesh, args.devices, args.cfg, args.steps,
+                                host_loop=not args.no_host_loop, overrides=args.overrides))
     if args.what == "step":
         print_json(bench_step(args.model, args.batch or 8, args.seq or 128, args.mesh, args.steps,
                               warmup=args.warmup, text_only=args.text_only,
@@ -540,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dpo_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON line per measurement")
-    b.add_argument("what", choices=["step", "export", "import", "data", "compile"],
-                   help="step: the real train step; export: peak memory of exporting a checkpoint; "
+    b.add_argument("what", choices=["step", "decode", "export", "import", "data", "compile"],
+                   help="step: the real train step; decode: text-to-audio decoding (the on-device "
+                        "loop and the host-driven one); export: peak memory of exporting a checkpoint; "
                         "import: peak memory of `ualm import-hf` of a random HF checkpoint; "
                         "data: packed tokens/s of the data pipeline; compile: compile the train "
                         "step for --topology and report per-chip memory")
@@ -560,13 +567,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq", type=int, default=None,
                    help="sequence length (default: step 128, data and compile 4096)")
     b.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: fsdp over all)")
-    b.add_argument("--steps", type=int, default=5, help="timed steps")
+    b.add_argument("--steps", type=int, default=5, help="timed steps (decode: timed generations)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     b.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
     b.add_argument("--text-only", action="store_true",
                    help="plain Qwen2 backbone: no audio streams, no audio ids, no encoder")
     b.add_argument("--peak-tflops", type=float, default=None,
                    help="peak bf16 TFLOP/s per device for MFU when the device is not known")
+    b.add_argument("--prompt-len", type=int, default=32, help="decode: text ids per prompt")
+    b.add_argument("--max-new", type=int, default=128, help="decode: positions per prompt")
+    b.add_argument("--cfg", type=float, default=1.0,
+                   help="decode: guidance lambda (!= 1: a cond and an uncond row per prompt)")
+    b.add_argument("--devices", type=int, default=None,
+                   help="decode: use only the first N devices (default all)")
+    b.add_argument("--no-host-loop", action="store_true",
+                   help="decode: skip timing the host-driven reference loop")
     add_overrides(b)
     b.set_defaults(func=_bench)
     for parser in walk_parsers(p):

@@ -99,7 +99,8 @@ def test_config_threads_the_switch():
 def _loaded(id0_as_pad=False):
     cfg = SimpleNamespace(model=SimpleNamespace(num_codebooks=K),
                           data=SimpleNamespace(text_id0_as_pad=id0_as_pad))
-    return SimpleNamespace(cfg=cfg, vocab=VB, tokenizer=SimpleNamespace(encode=lambda s: [3, 0, 4]))
+    return SimpleNamespace(cfg=cfg, vocab=VB, tokenizer=SimpleNamespace(encode=lambda s: [3, 0, 4]),
+                           mesh=None, rules=None)
 
 
 def test_reference_uncond_blanks_the_assistant_token_too():
@@ -126,7 +127,7 @@ def test_inference_prompts_follow_text_id0_as_pad():
 def test_text_to_audio_uses_the_config_uncond(monkeypatch):
     seen = {}
 
-    def fake_generate(gen, cond, cfg, start_phase, uncond_prompts):
+    def fake_generate(gen, cond, cfg, start_phase, uncond_prompts, uids=None):
         seen["uncond"] = uncond_prompts
         return [[DecodedSegment("audio")] for _ in cond]
 
