@@ -29,6 +29,19 @@ def test_bench_step_prints_json():
     assert rec["loss"] == pytest.approx(rec["loss"]) and rec["loss"] > 0
 
 
+def test_bench_decode_prints_both_loops():
+    r = _run("bench", "decode", "--model", "tiny", "--batch", "4", "--prompt-len", "8",
+             "--max-new", "12", "--steps", "1", "--cfg", "2.0", "--devices", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
+    assert rec["bench"] == "decode" and rec["devices"] == 4 and rec["rows"] == 8
+    for loop in ("device_loop", "host_loop"):
+        assert rec[loop]["positions_per_s"] > 0 and 1 <= rec[loop]["steps"] <= 13
+    # The two loops write the same clips (same seed and keys): the same frames and steps.
+    assert rec["device_loop"]["audio_frames"] == rec["host_loop"]["audio_frames"]
+    assert rec["device_over_host"] > 0
+
+
 def test_bench_bad_mesh_is_a_clear_error():
     r = _run("bench", "step", "--model", "tiny", "--mesh", "data=3", "--steps", "1")
     assert r.returncode == 2
