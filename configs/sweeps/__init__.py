@@ -1,0 +1,1 @@
+"""Data-blend presets (`base:` of the stage configs)."""
