@@ -1,1 +1,1 @@
-"""Data-blend presets (`base:` of the stage configs)."""
+"""`ualm mixture sweep` presets: the demo sweep and its candidate blends."""
