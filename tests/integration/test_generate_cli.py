@@ -197,40 +197,29 @@ def _processes(n, devices, *args, timeout=240):
 
 
 @pytest.mark.slow
-def test_two_processes_generate_and_evaluate_what_one_process_does(checkpoint, tmp_path):
-    """Every process runs every decode batch (one program over 2 x 2 devices), each writes its
-    own prompts' outputs, and `ualm eval` pools the per-clip parts: the same clips and the same
-    metrics as one process with 4 devices, for the same seed."""
-    sr = 16000
-    refs = []
-    for i, f in enumerate((300, 500)):
-        sf.write(tmp_path / f"ref{i}.wav", 0.3 * np.sin(2 * np.pi * f * np.arange(sr) / sr), sr)
-        refs.append(f"ref{i}.wav")
+def test_two_processes_generate_what_one_process_does(checkpoint, tmp_path):
+    """Every process runs every decode batch (one program over 2 x 2 devices) and writes its own
+    prompts' outputs: the same clips as one process with 4 devices, for the same seed (the
+    pooled metrics of `ualm eval` are checked through the in-loop hook below)."""
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "reference": refs[i % 2]}) + "\n"
-                               for i, p in enumerate(["a low chirp", "two clicks", "a high tone",
-                                                      "a noise burst", "a tone then a click"])))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [
+        "a low chirp", "two clicks", "a high tone", "a noise burst", "a tone then a click"]))
     common = ["--checkpoint", str(checkpoint / "run"), "--max-new", "24", "--max-audio-frames",
               "8", "--batch-size", "2", "--cfg", "2.0"]
-    outs = {}
+    printed = {}
     for n, devices in ((1, 4), (2, 2)):
-        d = tmp_path / f"p{n}"
-        _processes(n, devices, "generate", "--task", "text-to-audio", "--prompts", str(prompts),
-                   "--out-dir", str(d / "gen"), *common)
-        ev = _processes(n, devices, "eval", "--prompts", str(prompts), "--fd-model", "mel-stats",
-                        "--json", "--out", str(d / "eval"), *common)
-        outs[n] = json.loads(ev[0].strip().splitlines()[-1])  # (gloo logs its peers first)
-        assert not any(x.startswith("{") for o in ev[1:] for x in o.splitlines())  # 0 reports
+        outs = _processes(n, devices, "generate", "--task", "text-to-audio", "--prompts",
+                          str(prompts), "--out-dir", str(tmp_path / f"p{n}"), *common)
+        printed[n] = [[json.loads(x)["out"] for x in o.splitlines() if x.startswith("{")]
+                      for o in outs]
+    # Line i is written (and printed) by process i mod 2.
+    assert [[os.path.basename(x) for x in p] for p in printed[2]] == [
+        ["sample_0000.wav", "sample_0002.wav", "sample_0004.wav"],
+        ["sample_0001.wav", "sample_0003.wav"]]
     for i in range(5):
-        a, _ = sf.read(tmp_path / "p1" / "gen" / f"sample_{i:04d}.wav")
-        b, _ = sf.read(tmp_path / "p2" / "gen" / f"sample_{i:04d}.wav")
+        a, _ = sf.read(tmp_path / "p1" / f"sample_{i:04d}.wav")
+        b, _ = sf.read(tmp_path / "p2" / f"sample_{i:04d}.wav")
         np.testing.assert_array_equal(a, b)
-        a, _ = sf.read(tmp_path / "p1" / "eval" / f"sample_{i:04d}.wav")
-        b, _ = sf.read(tmp_path / "p2" / "eval" / f"sample_{i:04d}.wav")
-        np.testing.assert_array_equal(a, b)
-    assert outs[1]["metrics"]["gen/fd"]["value"] == pytest.approx(
-        outs[2]["metrics"]["gen/fd"]["value"], rel=1e-9)
-    assert outs[2]["prompts"] == 5 and outs[2]["mean_seconds"] == outs[1]["mean_seconds"]
 
 
 @pytest.mark.slow
