@@ -337,20 +337,22 @@ class Packer:
                     f"{len(e.clips)} clips > max_clips_per_row {self.layout.max_clips}")
         return None
 
-    def _too_many_skips(self) -> ValueError:
-        return ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of "
-                          f"{self.seq_len} tokens: raise train.seq_len or data.max_clips_per_row "
-                          f"({self.counts})")
-
-    def _read(self) -> Rendered:
+    def _read(self, fetch=None, tally=None) -> Rendered:
+        """The next example that can fit a row, from `fetch` (default _fetch); the ones that never
+        can are skipped and counted (also on `tally`, e.g. a row's RowPacker)."""
+        fetch = fetch or self._fetch
         for _ in range(self.max_consecutive_skips):
-            e = self._fetch()
+            e = fetch()
             why = self._unfit(e)
             if why is None:
                 return e
             self.counts[why[0]] += 1
+            if tally is not None:
+                setattr(tally, why[0], getattr(tally, why[0]) + 1)
             self._skip(why[0], e, why[1])
-        raise self._too_many_skips()
+        raise ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of "
+                         f"{self.seq_len} tokens: raise train.seq_len or data.max_clips_per_row "
+                         f"({self.counts})")
 
     def _skip(self, counter: str, e: Rendered, why: str) -> None:
         """Log the 1st, 10th, 100th, ... skip (the caller has counted it)."""
@@ -447,25 +449,13 @@ class PackedIterator(Packer):
         e.index = i
         return e
 
-    def _read_for(self, g: int) -> Rendered:
-        p = self.packers[g]
-        for _ in range(self.max_consecutive_skips):
-            e = self._fetch_for(g)
-            why = self._unfit(e)
-            if why is None:
-                return e
-            setattr(p, why[0], getattr(p, why[0]) + 1)
-            self.counts[why[0]] += 1
-            self._skip(why[0], e, why[1])
-        raise self._too_many_skips()
-
     def __next__(self) -> dict:
         b = BatchBuilder(self.batch_size, self.seq_len, self.k, self.layout)
         for r, g in enumerate(self.global_rows):
             p = self.packers[g]
             before = b.segments[r]
-            p.pending, placed, _ = fill_batch(b, p.pending, functools.partial(self._read_for, g),
-                                              self.lookahead, row=r)
+            read = functools.partial(self._read, functools.partial(self._fetch_for, g), p)
+            p.pending, placed, _ = fill_batch(b, p.pending, read, self.lookahead, row=r)
             p.examples += placed
             for t in b.row_tasks[r][before:]:
                 p.tasks[t] += 1
@@ -538,9 +528,6 @@ def make_iterator(sources: Mapping[str, object], cfg_data, vocab: JointVocab, ba
         raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, {process_count})")
-    if batch_size % process_count:
-        raise ValueError(f"the global batch of {batch_size} rows must be divisible by the "
-                         f"{process_count} processes (each packs its own rows)")
     if int(_get(cfg_data, "read_threads", 0) or 0) > 0:
         log.warning("data.read_threads is no longer used: every row's packer reads its examples "
                     "by random access (the fastest path measured here)")

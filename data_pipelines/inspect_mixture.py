@@ -70,30 +70,22 @@ def examples_per_task(batches, n_tasks: int) -> list[int]:
 def _seqio_rows(cfg, it, taken, realised) -> list[dict]:
     """Report rows for data.source=seqio: examples from the sources (when they say), mean tokens
     as packed, target shares for our builds' Mixture (a user's Mixture has example rates)."""
-    from data_pipelines.seqio_pipeline import resolve
-
-    _, tasks, rates, _, names = resolve(cfg)
     targets = (mix.target_shares(mix.parse_mixture(cfg.data.mixture))
                if cfg.data.mixture and not cfg.data.seqio.mixture else {})
+    names = list(it.task_names)
     packed = examples_per_task(taken, len(names))
-    by_name = {t.name: (t, r) for t, r in zip(tasks, rates)}
+    report = {r["name"]: r for r in it.report}  # a share-0 entry is not in the Mixture
     rows = []
     for i, name in enumerate(names):
-        task, rate = by_name.get(name, (None, 0.0))
-        examples = next((r["examples"] for r in it.report if r["name"] == name), None)
-        tokens = realised["tokens"].get(name, 0)
-        mean = tokens / packed[i] if packed[i] else float("nan")
-        held = None
-        if task is not None and "validation" in task.splits:
-            try:
-                held = task.num_input_examples("validation")
-            except Exception:  # a source that cannot say
-                held = None
+        r = report.get(name, {})
+        examples = r.get("examples")
+        mean = realised["tokens"].get(name, 0) / packed[i] if packed[i] else float("nan")
         rows.append({"name": name, "path": "", "examples": examples,
-                     "validation_examples": held, "mean_tokens": mean,
+                     "validation_examples": r.get("validation_examples"), "mean_tokens": mean,
                      "tokens_available": (int(round(examples * mean)) if examples and packed[i]
                                           else None),
-                     "target_share": targets.get(name), "sampling_weight": rate})
+                     "target_share": targets.get(name),
+                     "sampling_weight": r.get("sampling_weight", 0.0)})
     return rows
 
 

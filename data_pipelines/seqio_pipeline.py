@@ -98,7 +98,7 @@ class SeqioPackedIterator(st.StreamPacker):
 
 
 # Resolving what to read ---------------------------------------------------------------------------
-def register_config(cfg, split: str = "train") -> Optional[str]:
+def register_config(cfg) -> Optional[str]:
     """Register the `data.mixture` builds as record Tasks (entry names) and their Mixture
     (`ualm_mixture`), once per settings; -> the Mixture name, or None without entries."""
     d = cfg.data
@@ -186,7 +186,7 @@ def make_seqio_iterator(cfg, split: str = "train", process_index: Optional[int] 
 
     rows = cfg.train.batch_size // process_count
     fingerprint = {"seqio": name, "tasks": names, "seed": int(seed), "split": split,
-                   "batch_size": rows * process_count, "seq_len": int(cfg.train.seq_len),
+                   "batch_size": int(cfg.train.batch_size), "seq_len": int(cfg.train.seq_len),
                    "process_index": int(process_index), "process_count": int(process_count),
                    "shuffle": bool(d.shuffle)}
     it = SeqioPackedIterator(make_dataset, rows, cfg.train.seq_len, max(vocab.num_codebooks, 1),
@@ -194,11 +194,15 @@ def make_seqio_iterator(cfg, split: str = "train", process_index: Optional[int] 
                              snapshot_every=d.seqio.snapshot_every)
     it.weights = {t.name: r for t, r in zip(tasks, rates)}
     it.report = [{"name": t.name, "path": "", "examples": _examples(t, split),
-                  "sampling_weight": r} for t, r in zip(tasks, rates)]
+                  "validation_examples": _examples(t, "validation"), "sampling_weight": r}
+                 for t, r in zip(tasks, rates)]
     return it
 
 
 def _examples(task, split: str) -> Optional[int]:
+    """Records in a task's split, when its source can say (None without the split)."""
+    if split not in task.splits:
+        return None
     try:
         n = task.num_input_examples(split)
     except Exception:  # a source that cannot say

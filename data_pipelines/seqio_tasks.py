@@ -8,9 +8,11 @@ task, with the same Renderer as the Grain path, keyed by the example's position 
 stream (as Grain keys it), so one registered task serves train and held-out splits alike.
 
 Our builds' Mixture keeps the Grain path's token-share weights AND its deterministic interleave
-(a `sample_fn`), so with `data.shuffle=false` both paths give the same packed batches. Reading is
-checkpointable tf.data all the way (range + map for random-access builds, TFRecordDataset for
-TFRecord builds; no Python generators), so the trainer can save the iterator (seqio_pipeline.py).
+(a `sample_fn`), so with `data.shuffle=false` both paths give the same rendered examples in the
+same order (the Grain path then packs them per row of the global batch, this one per host).
+Reading is checkpointable tf.data all the way (range + map for random-access builds,
+TFRecordDataset for TFRecord builds; no Python generators), so the trainer can save the iterator
+(seqio_pipeline.py).
 
 `PackedStreamsConverter` packs rendered examples into the Grain path's row contract with the same
 first-fit packer; seqio's own packers are 1-D only and find lengths by counting non-zero ids,
@@ -375,15 +377,16 @@ class PackedStreamsConverter(seqio.FeatureConverter):
     def _rows(self, ds: tf.data.Dataset, seq_len: int):
         packer = StreamPacker(ds.as_numpy_iterator(), self.rows, seq_len, self.k, self.layout,
                               self.lookahead)
-        for batch in packer:
-            for r in range(self.rows):
-                if batch["segment_ids"][r].any():
-                    self.counts["rows"] += 1
-                    yield {k: v[r] for k, v in batch.items()}
-            self.counts.update({k: packer.counts[k] for k in
-                                ("examples", "skipped_too_long", "skipped_too_many_clips")})
-        self.counts.update({k: packer.counts[k] for k in
-                            ("examples", "skipped_too_long", "skipped_too_many_clips")})
+        keys = ("examples", "skipped_too_long", "skipped_too_many_clips")
+        try:
+            for batch in packer:
+                for r in range(self.rows):
+                    if batch["segment_ids"][r].any():
+                        self.counts["rows"] += 1
+                        yield {k: v[r] for k, v in batch.items()}
+                self.counts.update({k: packer.counts[k] for k in keys})
+        finally:  # the skips read at the end of the stream count too
+            self.counts.update({k: packer.counts[k] for k in keys})
 
     def _convert_features(self, ds: tf.data.Dataset,
                           task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:

@@ -90,8 +90,6 @@ def _train(args) -> int:
 
 
 def _config_show(args) -> int:
-    import json
-
     from ualm_jax.config import load_config
     from ualm_jax.describe import describe_config
 
@@ -202,7 +200,6 @@ def _generate(args) -> int:
     from ualm_jax.distributed import maybe_initialize
 
     maybe_initialize()  # a multi-host job decodes each batch over every host's devices
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -294,7 +291,6 @@ def read_prompt_lines(prompts: str, out_dir: str | None, task: str) -> list[dict
     each line's `out` (default sample_NNNN.wav / reply_NNNN, NNNN counting lines) is resolved
     inside `out_dir`, else inside the prompts file's folder; an absolute `out` or one that leaves
     that folder is refused, as are two lines writing one file. Errors name the file and line."""
-    import json
     import os
     from pathlib import Path
 

@@ -86,7 +86,8 @@ def _cpu_collectives() -> None:
 
 
 def allgather_json(obj) -> list:
-    """Every process's JSON-able `obj`, in process order (a collective: call on all processes)."""
+    """Every process's JSON-able `obj` (numpy arrays and scalars included: they come back as
+    lists and numbers), in process order (a collective: call on all processes)."""
     import jax
 
     n = jax.process_count()
@@ -97,7 +98,7 @@ def allgather_json(obj) -> list:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    raw = np.frombuffer(json.dumps(obj, default=lambda x: x.tolist()).encode(), np.uint8)
     longest = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
     padded = np.zeros(longest, np.uint8)
     padded[:raw.size] = raw

@@ -1,4 +1,4 @@
-"""SeqIO path: record Tasks rendered as the Grain path renders them, the same packed batches as
+"""SeqIO path: record Tasks rendered as the Grain path renders them, the same example stream as
 Grain with shuffling off, exact resume of the checkpointable iterator, host shards, user Tasks."""
 import json
 

@@ -41,18 +41,19 @@ def clip_features(gen_waves: Sequence[np.ndarray], gen_sr: int,
                   captions: Sequence[str] | None = None, *, embedder: AudioEmbedder | None = None,
                   clap: AudioEmbedder | None = None, fd_frames: bool = False,
                   peak_db: float | None = -1.0) -> dict:
-    """The per-clip parts of FD and CLAP (JSON-able, so processes that each generated some clips
-    can pool them): {"fd_rows": embedding rows, "clap": one cosine per clip}, for the models given.
+    """The per-clip parts of FD and CLAP (arrays that distributed.allgather_json can pool from
+    processes that each generated some clips): {"fd_rows": embedding rows, "clap": one cosine per
+    clip}, for the models given.
     merge_features turns the pooled parts into the metrics evaluate_generation reports."""
     gen = _normaliser(peak_db)(gen_waves)
     out: dict = {}
     if embedder is not None:
-        out["fd_rows"] = _fd_embeddings(embedder, gen, gen_sr, fd_frames).tolist() if gen else []
+        out["fd_rows"] = _fd_embeddings(embedder, gen, gen_sr, fd_frames) if gen else []
     if clap is not None and captions is not None:
         if len(captions) != len(gen):
             raise ValueError(f"{len(captions)} captions for {len(gen)} generated clips")
         out["clap"] = clap_cosines(clap.embed_audio(gen, gen_sr),
-                                   clap.embed_text(list(captions))).tolist() if gen else []
+                                   clap.embed_text(list(captions))) if gen else []
     return out
 
 
@@ -96,10 +97,8 @@ def evaluate_generation(gen_waves: Sequence[np.ndarray], gen_sr: int,
     results = merge_features([part], len(gen_waves), ref_waves, ref_sr, embedder=embedder,
                              clap=clap if captions is not None else None, fd_frames=fd_frames,
                              peak_db=peak_db)
-    gen = _normaliser(peak_db)(gen_waves)
-    ref = _normaliser(peak_db)(ref_waves) if ref_waves is not None else None
-
-    if tagger is not None and ref is not None:
+    if tagger is not None and ref_waves is not None:  # the clips as the other metrics saw them
+        gen, ref = _normaliser(peak_db)(gen_waves), _normaliser(peak_db)(ref_waves)
         if len(ref) != len(gen):
             raise ValueError(f"KL pairs clips by index: {len(gen)} generated vs {len(ref)} references")
         out_gen, inputs = _tag(tagger, gen, gen_sr)

@@ -252,10 +252,6 @@ def device_advance(phase, t, end, ids, vocab: JointVocab, k: int):
     return new.astype(jnp.int32), t, end
 
 
-def _row_sample(key, logits, allowed, temps, top_k: int):
-    return S.sample(key, logits, allowed, temps, top_k)
-
-
 def sample_rows(step_key, uids, logits, modes, forced, temps, vocab: JointVocab, top_k: int,
                 guided: bool, scale: float):
     """One id per (row, stream): guidance mixed per cond/uncond pair, masks by mode, each row
@@ -264,7 +260,7 @@ def sample_rows(step_key, uids, logits, modes, forced, temps, vocab: JointVocab,
         logits = S.cfg_mix(logits, scale)
     allowed = S.allowed_ids(modes, forced, vocab, logits.shape[-1])
     keys = jax.vmap(lambda u: jax.random.fold_in(step_key, u))(uids)
-    return jax.vmap(functools.partial(_row_sample, top_k=top_k))(keys, logits, allowed, temps)
+    return jax.vmap(functools.partial(S.sample, top_k=top_k))(keys, logits, allowed, temps)
 
 
 def _decode_loop(forward, vocab, k, gen, guided, params, cache, logits, seed, uids, phase, t, end,
@@ -302,12 +298,8 @@ def _decode_loop(forward, vocab, k, gen, guided, params, cache, logits, seed, ui
 
 
 def _pairs(x, guided: bool):
-    """Per-prompt values -> per-row values ([c0, u0, c1, u1, ...] with guidance)."""
-    return jnp.repeat(x, 2, axis=0) if guided else x
-
-
-def _pair_rows(x, guided: bool) -> np.ndarray:
-    return np.repeat(np.asarray(x), 2, axis=0) if guided else np.asarray(x)
+    """Per-prompt values (numpy or jax) -> per-row values ([c0, u0, c1, u1, ...] with guidance)."""
+    return x.repeat(2, axis=0) if guided else x
 
 
 def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
@@ -345,15 +337,15 @@ def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
         pos[i, longest - L:] = np.arange(L)
     batch = {"tokens": tokens, "segment_ids": seg, "positions": pos}
     if audio_features is not None:
-        shift = _pair_rows(audio_slots, guided)
+        shift = _pairs(np.asarray(audio_slots), guided)
         slots = np.full((b, longest), -1, np.int32)
         for i, p in enumerate(rows):
             L = len(p)
             slots[i, longest - L:] = shift[i, :L]
-        batch["audio_features"] = _pair_rows(audio_features, guided)
+        batch["audio_features"] = _pairs(np.asarray(audio_features), guided)
         batch["audio_slots"] = slots
         if audio_mel_mask is not None:
-            batch["audio_mel_mask"] = _pair_rows(audio_mel_mask, guided)
+            batch["audio_mel_mask"] = _pairs(np.asarray(audio_mel_mask), guided)
     cache = gen.new_cache()
     logits, cache = gen.forward(cache, batch)
     next_pos = (pos[:, -1] + 1).astype(np.int32)
@@ -386,8 +378,8 @@ def generate(gen: Generator, prompts: list[np.ndarray], cfg: GenerationConfig,
         for s, row in zip(states, ids):
             if s.phase != "done":
                 _advance(s, row, vocab, k)
-        step_tokens = _pair_rows(ids, guided)[:, None, :]
-        valid = _pair_rows(np.array([s.phase != "done" for s in states], np.int32), guided)[:, None]
+        step_tokens = _pairs(ids, guided)[:, None, :]
+        valid = _pairs(np.array([s.phase != "done" for s in states], np.int32), guided)[:, None]
         logits, cache = gen.forward(cache, {"tokens": step_tokens, "segment_ids": valid,
                                             "positions": next_pos[:, None]})
         next_pos = next_pos + 1

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -155,7 +155,9 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)  # never a half-written result that looks complete
 
 
-def run_blend(cfg, blend: dict, out: Path, steps: int, evaluator: Evaluator) -> dict:
+def run_blend(cfg, blend: dict, out: Path, steps: int, evaluator: Callable[[], Evaluator]) -> dict:
+    """One blend's result: read back when it has one, else trained and evaluated (`evaluator()`
+    gives the shared Evaluator, built on first use)."""
     run_dir = out / "runs" / blend["name"]
     done = run_dir / RESULT
     if done.exists():
@@ -167,9 +169,10 @@ def run_blend(cfg, blend: dict, out: Path, steps: int, evaluator: Evaluator) -> 
     if result["step"] != steps:
         raise RuntimeError(f"blend {blend['name']} stopped at step {result['step']} of {steps}; "
                            "rerun the sweep to resume it")
-    held = evaluator(result["state"]["params"])
+    ev = evaluator()
+    held = ev(result["state"]["params"])
     # The tokens the run saw: the same deterministic stream, replayed on the host.
-    seen = realised_shares(make_config_iterator(c, "train", 0, 1), steps, evaluator.names)
+    seen = realised_shares(make_config_iterator(c, "train", 0, 1), steps, ev.names)
     row = {"name": blend["name"], "shares": blend["shares"], "steps": steps,
            "realised_shares": seen["shares"], "tokens": seen["tokens"],
            "packing_efficiency": seen["packing_efficiency"], "held_out": held,
@@ -264,16 +267,14 @@ def _sweep(cfg, config, out_dir, plan, names, batches, steps, objective, fit, pa
         blend = next((b for b in plan if b["name"] == only), None)
         if blend is None:
             raise ValueError(f"--only {only}: no such blend in {out_dir / 'blends.json'}")
-        return run_blend(cfg, blend, out_dir, blend["steps"], evaluate_with())
+        return run_blend(cfg, blend, out_dir, blend["steps"], evaluate_with)
     todo = [b["name"] for b in plan if not (out_dir / "runs" / b["name"] / RESULT).exists()]
     if todo:
         print(f"sweep: {len(plan) - len(todo)} of {len(plan)} blends done; training "
               f"{', '.join(todo)}", flush=True)
     if parallel > 1 and len(todo) > 1:
         _run_parallel(config, out_dir, todo, parallel, overrides)
-    rows = [run_blend(cfg, b, out_dir, b["steps"], evaluate_with()) if b["name"] in todo and
-            parallel <= 1 else json.loads((out_dir / "runs" / b["name"] / RESULT).read_text())
-            for b in plan]
+    rows = [run_blend(cfg, b, out_dir, b["steps"], evaluate_with) for b in plan]
     with open(out_dir / "sweep.jsonl.tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(out_dir / "sweep.jsonl.tmp", out_dir / "sweep.jsonl")
@@ -283,7 +284,7 @@ def _sweep(cfg, config, out_dir, plan, names, batches, steps, objective, fit, pa
         shares = report["prediction"]["shares"]
         tag = hashlib.sha256(json.dumps(shares, sort_keys=True).encode()).hexdigest()[:8]
         row = run_blend(cfg, {"name": f"predicted-{tag}", "shares": shares}, out_dir, steps,
-                        evaluate_with())
+                        evaluate_with)
         report["verification"] = verification(report, row)
     _write_json(out_dir / "fit.json", report)
     try:

@@ -17,21 +17,31 @@ from ualm_jax.train.synthetic import TASKS, stream_for_model
 def make_train_iterator(cfg):
     """A checkpointable iterator (`get_state`/`set_state`) of numpy batches: host-global ones
     (synthetic, preference: each process slices its rows) or this process's rows already
-    (mixture: `per_host`, each process packs its own share of the sources)."""
+    (mixture, seqio: `per_host`, each process packs its own rows)."""
+    return _make_iterator(cfg, "train")
+
+
+def make_eval_iterator(cfg):
+    """Held-out batches: the mixture's validation splits, or the synthetic stream on another seed."""
+    return _make_iterator(cfg, "validation")
+
+
+def _make_iterator(cfg, split: str):
     t = cfg.train
     if cfg.data.source == "preference":
-        return _preference_iterator(cfg, "train")
+        return _preference_iterator(cfg, "train")  # eval: shapes only (DPO has no eval yet)
     if cfg.data.source == "mixture":
         from data_pipelines.grain_pipeline import make_config_iterator
 
-        return make_config_iterator(cfg, "train")
+        return make_config_iterator(cfg, split)
     if cfg.data.source == "seqio":
         from data_pipelines.seqio_pipeline import make_seqio_iterator
 
-        return make_seqio_iterator(cfg, "train")
+        return make_seqio_iterator(cfg, split)
     weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
-    return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.seed, tasks=TASKS,
-                            weights=weights, **_template_args(cfg))
+    return stream_for_model(cfg.model, t.batch_size, t.seq_len,
+                            seed=cfg.seed if split == "train" else cfg.data.eval_seed,
+                            tasks=TASKS, weights=weights, **_template_args(cfg))
 
 
 def _preference_iterator(cfg, split):
@@ -50,24 +60,6 @@ def _preference_iterator(cfg, split):
                              cfg.train.seq_len, seed=cfg.seed,
                              offline_reference=cfg.dpo.reference == "offline",
                              text_id0_as_pad=cfg.data.text_id0_as_pad)
-
-
-def make_eval_iterator(cfg):
-    """Held-out batches: the mixture's validation splits, or the synthetic stream on another seed."""
-    t = cfg.train
-    if cfg.data.source == "preference":
-        return _preference_iterator(cfg, "train")  # used for shapes only: DPO has no eval yet
-    if cfg.data.source == "mixture":
-        from data_pipelines.grain_pipeline import make_config_iterator
-
-        return make_config_iterator(cfg, "validation")
-    if cfg.data.source == "seqio":
-        from data_pipelines.seqio_pipeline import make_seqio_iterator
-
-        return make_seqio_iterator(cfg, "validation")
-    weights = [cfg.data.task_weights.get(name, 0.0) for name in TASKS]
-    return stream_for_model(cfg.model, t.batch_size, t.seq_len, seed=cfg.data.eval_seed,
-                            tasks=TASKS, weights=weights, **_template_args(cfg))
 
 
 def _template_args(cfg) -> dict:
