@@ -1,7 +1,7 @@
 """Build stored records from a manifest, and open them again.
 
     report = build("captions", "data/caps.jsonl", "out/caps", codec="spectral:codec_dir",
-                   tokenizer="tok/tokenizer.json", eval_fraction=0.05)
+                   tokenizer="tok/tokenizer.json", eval_fraction=0.05)   # split_by="audio"
     src = open_source("out/caps", "train")      # random access, records as numpy dicts
     task, segments, mels = from_record(src[0], frames_of=encoder_frames_of_mel)
 
@@ -9,15 +9,27 @@ Kinds: "captions" (t2a + caption records; `task` = both | t2a | caption), "audio
 "preference" (see data_pipelines/builders/). Output folder:
   OUT/build_report.json   lines, written, skipped (written + skipped = lines), per-split line and
                           record counts, skipped_by_code, skipped_lines [{line, code, reason}],
-                          the TFDS dataset folder (relative) and the settings (vocab, codec, mels)
+                          the TFDS dataset folder (relative) and the settings (vocab, codec, mels),
+                          split_by and validation_lines (the held-out line numbers)
   OUT/stats.json          {split: {lines, records, tokens, tasks: {task: {records, tokens,
                           mean_tokens}}}}; tokens = rendered sequence length (template.render with
                           the JointVocab of the tokenizer's vocab size and the codec's K, C; user
                           audio counts its encoder frames). The mixture turns token-share targets
                           into sampling weights with it.
   OUT/ualm_<kind>/[config/]1.0.0/   the TFDS dataset (ArrayRecord or TFRecord shards)
-Splits: "train", and "validation" when lines say `"split": "validation"` or `eval_fraction` > 0
-(a line's split comes from a hash of its text: deterministic, stable under reordering).
+  OUT/tokenizer.json      a copy of the tokenizer
+  OUT/codec/              a copy of a small codec (a SpectralCodec); the report names it relative
+                          to OUT (as the tokenizer), so a moved build keeps both. A neural codec
+                          (an X-codec folder) is large: the report names its absolute path or URL.
+                          `build_artefacts(OUT)` gives both as paths that resolve where OUT is.
+Splits: "train", and "validation" when lines say `"split": "validation"` or `eval_fraction` > 0.
+A line without a "split" is held out by a hash of its content, never of its position (reordering
+a manifest moves nothing), per `split_by` (builders.common.Splitter):
+  "audio" (default for kinds whose lines name audio: captions, audio-qa, preference, reason):
+          each audio path as written (normalised, relative to the manifest's folder) is hashed,
+          and a line is held out when ANY of its clips is: a held-out clip is validation in every
+          build of the same clips with the same fraction, whatever the kind, never trained.
+  "line"  (text-sft): the parsed JSON, canonically serialised, so re-serialising keeps a split.
 Each line is isolated: whatever one line holds (malformed or non-UTF-8 text, JSON nested deeper
 than `max_json_depth`, a line longer than `max_line_bytes`, a number too long to convert, a file
 that breaks a decoder) makes that line a skipped entry with a code and a reason, never stops the
@@ -66,6 +78,7 @@ FORMATS = ("array_record", "tfrecord")
 REPORT_FILE = "build_report.json"
 STATS_FILE = "stats.json"
 TOKENIZER_FILE = "tokenizer.json"  # the build's copy of its tokenizer
+CODEC_DIR = "codec"  # the build's copy of a small codec (a SpectralCodec)
 INCOMPLETE_FILE = "_INCOMPLETE"  # in a build's temporary folder until it is complete
 
 
@@ -208,7 +221,7 @@ def make_converter(kind: str, manifest: str, *, codec=None, tokenizer=None, n_me
 
 def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None, n_mels: int = 128,
           file_format: str = "array_record", min_seconds: float = 0.1, max_seconds: float = 600.0,
-          eval_fraction: float = 0.0, task: Optional[str] = None,
+          eval_fraction: float = 0.0, split_by: Optional[str] = None, task: Optional[str] = None,
           beam_options: Union[None, str, Sequence[str], object] = None,
           beam_runner=None, max_line_bytes: Optional[int] = None,
           max_json_depth: Optional[int] = None) -> dict:
@@ -223,11 +236,12 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
 
     codec: a Codec, a codec folder (`load_codec`) or "spectral:DIR"; tokenizer: a TextTokenizer or
     a tokenizer.json path; task: captions -> both | t2a | caption, other kinds -> the task name
-    stored in the records (default audio_qa / text_sft / preference).
+    stored in the records (default audio_qa / text_sft / preference); split_by: what
+    eval_fraction hashes, "audio" or "line" (default: "audio" where the kind's lines name audio).
     """
     from data_pipelines.builders import BUILDERS
-    from data_pipelines.builders.common import (LOG_DIR, MAX_JSON_DEPTH, MAX_LINE_BYTES, Limits,
-                                                scan_manifest)
+    from data_pipelines.builders.common import (LOG_DIR, MAX_JSON_DEPTH, MAX_LINE_BYTES, SPLIT_BY,
+                                                Limits, Splitter, scan_manifest)
 
     manifest, out_dir = os.fspath(manifest), os.fspath(out_dir)
     if not _exists(manifest) or os.path.isdir(manifest):
@@ -244,23 +258,40 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     converter = make_converter(kind, manifest, codec=codec, tokenizer=tokenizer, n_mels=n_mels,
                                min_seconds=min_seconds, max_seconds=max_seconds, task=task)
     cls = BUILDERS[kind]
-    scan = scan_manifest(manifest, eval_fraction, limits=limits)
+    conv_cls = cls.converter_cls
+    split_by = split_by or ("audio" if conv_cls.names_audio else "line")
+    if split_by not in SPLIT_BY:
+        raise BuildError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {split_by!r}")
+    if split_by == "audio" and not conv_cls.names_audio:
+        raise BuildError(f"{kind} lines name no audio: split them by line (--split-by line)")
+    splitter = Splitter(float(eval_fraction), split_by, conv_cls.audio_refs)
+    scan = scan_manifest(manifest, splitter, limits=limits)
     if scan.lines == 0:
         raise BuildError(f"manifest is empty: {manifest} (no lines, nothing to build)")
-    settings = dict(file_format=file_format, eval_fraction=eval_fraction,
-                    beam_options=beam_options, beam_runner=beam_runner,
-                    origin=_origin(tokenizer, codec))
+    origin = _origin(tokenizer, codec)
+    entries = [cls.name, REPORT_FILE, STATS_FILE, LOG_DIR, TOKENIZER_FILE]
     if "://" in out_dir:  # no folder renames on object stores: replace in place
-        for stale in (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR, TOKENIZER_FILE):
+        origin["codec_plan"] = _codec_plan(converter.codec, origin["codec"], None)
+        for stale in entries + [CODEC_DIR]:
             _remove(_join(out_dir, stale))
-        return _write_build(kind, cls, converter, manifest, scan, out_dir, **settings)
+        return _write_build(kind, cls, converter, manifest, scan, out_dir, file_format=file_format,
+                            splitter=splitter, beam_options=beam_options,
+                            beam_runner=beam_runner, origin=origin)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise BuildError(f"output folder {out_dir} exists and is not a folder")
     target = os.path.realpath(out_dir)  # through a link: the build lands where it points
+    plan = origin["codec_plan"] = _codec_plan(converter.codec, origin["codec"], target)
+    if _holds_codec_copy(target) and plan[:2] != ("inside", CODEC_DIR):
+        entries.append(CODEC_DIR)  # the old build's copy goes with the old build
+    elif plan[0] == "copy" and os.path.lexists(os.path.join(target, CODEC_DIR)):
+        raise BuildError(f"{os.path.join(out_dir, CODEC_DIR)} exists and is no build's codec copy: "
+                         "move it, or build into another folder (the build copies its codec there)")
     tmp = _begin(target)
     try:
-        report = _write_build(kind, cls, converter, manifest, scan, tmp, **settings)
-        _commit(tmp, target, (cls.name, REPORT_FILE, STATS_FILE, LOG_DIR, TOKENIZER_FILE))
+        report = _write_build(kind, cls, converter, manifest, scan, tmp, file_format=file_format,
+                              splitter=splitter, beam_options=beam_options,
+                              beam_runner=beam_runner, origin=origin)
+        _commit(tmp, target, entries)
     except BaseException:
         replaced = os.path.join(tmp, ".replaced")
         if not (os.path.isdir(replaced) and os.listdir(replaced)):  # else it holds the old build
@@ -271,23 +302,69 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
 
 def _origin(tokenizer, codec) -> dict:
     """Where the build's tokenizer and codec came from: paths as given, a TextTokenizer's file, a
-    codec object's `source` folder; None when unknown."""
+    codec object's `source` folder (absolute; a URL as it is; "spectral:" dropped); None when
+    unknown."""
+    from data_pipelines.codecs import codec_dir
+
     tok = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "path", None)
     if tok is not None:
         tok = os.fspath(tok)
         tok = os.path.join(tok, TOKENIZER_FILE) if os.path.isdir(tok) else tok
     # A codec object may say where it was saved (`source`: a folder load_codec reads).
     spec = codec if isinstance(codec, (str, os.PathLike)) else getattr(codec, "source", None)
-    spec = None if spec is None else os.fspath(spec)
-    if spec and "://" not in spec:  # "spectral:DIR" keeps its prefix
-        head, sep, tail = spec.rpartition(":")
-        spec = (head + sep + os.path.abspath(tail)) if sep and not os.path.exists(spec) \
-            else os.path.abspath(spec)
+    spec = None if spec is None else codec_dir(spec)
+    if spec and "://" not in spec:
+        spec = os.path.abspath(spec)
     return {"tokenizer": tok, "codec": spec}
 
 
+def _codec_plan(codec, source: Optional[str], target: Optional[str]) -> tuple:
+    """What the report says of the codec:
+      ("copy", SpectralCodec): small, so the build carries a copy in OUT/codec;
+      ("inside", relative path): the codec's folder already lies inside the build folder;
+      ("ref", absolute path or URL): a neural codec stays where it is (large);
+      ("none", None): no codec, or one that says nowhere where it lives."""
+    from data_pipelines.codecs import SpectralCodec, codec_kind
+
+    local = source is not None and "://" not in source
+    if local and target is not None:
+        real = os.path.realpath(source)
+        if real.startswith(os.path.join(target, "")):
+            return "inside", os.path.relpath(real, target)
+    if isinstance(codec, SpectralCodec):
+        return "copy", codec
+    if local and codec_kind(source) == "spectral":  # e.g. a wrapper whose `source` is a folder
+        return "copy", SpectralCodec.load(source)
+    return ("ref", source) if source else ("none", None)
+
+
+def _holds_codec_copy(out_dir: str) -> bool:
+    """Whether the build now in out_dir carries a codec copy (its report says so)."""
+    try:
+        return (read_report(out_dir) or {}).get("codec") == CODEC_DIR
+    except (OSError, ValueError):
+        return False
+
+
+def _save_codec_copy(codec, out_dir: str) -> str:
+    """Save a SpectralCodec into out_dir/codec (a local folder, or a bucket through a local
+    temporary folder); -> the path recorded in the report (relative to out_dir)."""
+    from data_pipelines.builders.common import _open
+
+    if "://" not in out_dir:
+        codec.save(os.path.join(out_dir, CODEC_DIR))
+        return CODEC_DIR
+    with tempfile.TemporaryDirectory() as local:
+        codec.save(local)
+        for name in sorted(os.listdir(local)):
+            with open(os.path.join(local, name), "rb") as f, \
+                    _open(_join(out_dir, CODEC_DIR, name), "wb") as g:
+                g.write(f.read())
+    return CODEC_DIR
+
+
 def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *, file_format: str,
-                 eval_fraction: float, beam_options, beam_runner, origin: dict) -> dict:
+                 splitter, beam_options, beam_runner, origin: dict) -> dict:
     """Write the dataset, stats and report of one build into out_dir (the report last)."""
     import tensorflow_datasets as tfds
 
@@ -296,7 +373,7 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
 
     use_beam = beam_options is not None or beam_runner is not None
     log_dir = _join(out_dir, LOG_DIR)
-    plan = BuildPlan(converter, manifest, scan, eval_fraction, log_dir if use_beam else None)
+    plan = BuildPlan(converter, manifest, scan, splitter, log_dir if use_beam else None)
     dataset_dir, built = None, []
     if scan.splits:
         builder = cls(plan=plan, data_dir=out_dir, config=converter.config_name)
@@ -313,19 +390,23 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
     else:  # no line parsed: no dataset, but every line still gets its entry
         entries = [entry for chunk in scan.chunks
                    for _, entry in chunk_outcomes(converter, manifest, chunk, "train",
-                                                  eval_fraction, True, scan.limits)]
+                                                  splitter, True, scan.limits)]
 
     report, stats = summarize(kind, entries, scan.lines, built)
-    # The build carries its tokenizer (a copy: small) and names its codec (an absolute path:
-    # codecs are large), so a run trained on it can generate with no --tokenizer / --codec.
+    # The build carries its tokenizer and a small codec (copies, named relative to the build
+    # folder) and names a neural codec where it lies, so a run trained on it can generate with
+    # no --tokenizer / --codec, and a moved build still finds both.
     tokenizer_copy = None
     if origin["tokenizer"] and "://" not in origin["tokenizer"]:
         with open(origin["tokenizer"], "rb") as f, _open(_join(out_dir, TOKENIZER_FILE), "wb") as g:
             g.write(f.read())
         tokenizer_copy = TOKENIZER_FILE
-    report.update({"tokenizer": tokenizer_copy, "codec": origin["codec"], "task": converter.task, "manifest": manifest, "file_format": file_format,
+    how, what = origin.get("codec_plan") or ("none", None)
+    codec_record = _save_codec_copy(what, out_dir) if how == "copy" else what
+    report.update({"tokenizer": tokenizer_copy, "codec": codec_record, "task": converter.task,
+                   "manifest": manifest, "file_format": file_format,
                    "dataset_dir": dataset_dir, "settings": converter.metadata(),
-                   "eval_fraction": eval_fraction,
+                   "eval_fraction": splitter.eval_fraction, "split_by": splitter.by,
                    "limits": {"max_line_bytes": scan.limits.max_line_bytes,
                               "max_json_depth": scan.limits.max_json_depth}})
     write_json(_join(out_dir, STATS_FILE), stats)
@@ -360,12 +441,23 @@ def read_report(out_dir: str) -> dict | None:
 
 
 def build_artefacts(out_dir: str) -> dict:
-    """{"tokenizer": path of the build's tokenizer copy or None, "codec": the codec it was built
-    with or None} of a build folder."""
+    """{"tokenizer": path of the build's tokenizer copy or None, "codec": the folder of the codec
+    it was built with or None} of a build folder, as paths that resolve where the folder now is
+    (copies inside it are joined to it; a neural codec's absolute path or URL is kept). Older
+    reports' "spectral:DIR" reads as DIR."""
+    from data_pipelines.codecs import codec_dir
+
+    out_dir = os.fspath(out_dir)
+    base = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     report = read_report(out_dir) or {}
-    tok = report.get("tokenizer")
-    return {"tokenizer": _join(os.fspath(out_dir), tok) if tok else None,
-            "codec": report.get("codec")}
+
+    def inside(rel):
+        if not rel:
+            return None
+        rel = codec_dir(rel)
+        return rel if "://" in rel or os.path.isabs(rel) else _join(base, rel)
+
+    return {"tokenizer": inside(report.get("tokenizer")), "codec": inside(report.get("codec"))}
 
 
 def build_settings(out_dir: str) -> dict:

@@ -323,6 +323,7 @@ class Packer:
         self.max_consecutive_skips = 100_000  # then the config, not the data, is wrong: say so
         self.counts = {"batches": 0, "examples": 0, "skipped_too_long": 0,
                        "skipped_too_many_clips": 0}
+        self._skips_by_task: dict = {}  # (counter, task) -> skips, for one log line per task
 
     def _fetch(self) -> Rendered:
         """The next example of the stream (StopIteration at the end of a finite one)."""
@@ -354,12 +355,19 @@ class Packer:
                          f"{self.seq_len} tokens: raise train.seq_len or data.max_clips_per_row "
                          f"({self.counts})")
 
+    _FIX = {"skipped_too_long": "raise train.seq_len, or rebuild the task with a lower "
+                                "--max-seconds so its examples fit",
+            "skipped_too_many_clips": "raise data.max_clips_per_row, or split long audio"}
+
     def _skip(self, counter: str, e: Rendered, why: str) -> None:
-        """Log the 1st, 10th, 100th, ... skip (the caller has counted it)."""
-        n = self.counts[counter]
+        """One line per task and cause at its 1st, 10th, 100th, ... skip, naming the example
+        (its place in the mixture's stream) and the fix (the caller has counted it)."""
+        name = self.task_names[e.task] if e.task < len(self.task_names) else str(e.task)
+        n = self._skips_by_task[(counter, name)] = self._skips_by_task.get((counter, name), 0) + 1
         if n in (1, 10, 100, 1000) or n % 10000 == 0:
-            name = self.task_names[e.task] if e.task < len(self.task_names) else e.task
-            log.warning("skipped an example of %s (%s); %d skipped so far", name, why, n)
+            where = f"stream element {e.index}: " if e.index >= 0 else ""
+            log.warning("task %s: %d example(s) skipped so far, %d in all tasks (%s%s); %s", name,
+                        n, self.counts[counter], where, why, self._FIX.get(counter, ""))
 
     def __iter__(self):
         return self

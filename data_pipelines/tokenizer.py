@@ -1,7 +1,8 @@
 """Text tokenizer: a Qwen2 byte-level BPE read from a local `tokenizer.json` (no network).
 
 Ids returned here are the tokenizer's own (unshifted); `JointVocab.text_to_joint` shifts them.
-`train_tiny_bpe` builds a small tokenizer with Qwen2's pre-tokenisation for tests and the demo.
+`train_tiny_bpe` builds a small tokenizer with Qwen2's pre-tokenisation for tests, the demo and
+`ualm data tokenizer` (on the text of one's own manifests: builders.contents.manifest_texts).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ QWEN2_SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 ENDOFTEXT = "<|endoftext|>"
+MIN_VOCAB_SIZE = 257  # the byte alphabet and ENDOFTEXT: a smaller vocab_size gives this many
 
 
 class TextTokenizer:

@@ -6,6 +6,10 @@ commit) on one CPU machine. Each process gets its own fake CPU devices.
     python launch/local.py --num-processes 2 --devices-per-process 2 \
         --config CONFIG.yaml --run-dir runs/local [key=value ...] [--dry-run]
 
+Before anything starts, launch/preflight.py loads the config with the overrides (as `ualm train`
+will) and checks the mesh against the processes' devices, train.batch_size against the
+processes and the config's data paths; a problem is one line on stderr and exit status 2.
+
 Output lines are prefixed with `[pI]`. If one process fails the others are stopped, so a
 crash never leaves the rest waiting in a collective. Exit status: 0 when all processes exit 0.
 """
@@ -22,9 +26,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+import preflight  # noqa: E402
 from shellsafe import reject_control_chars  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+PROG = "launch/local.py"
+
+
+def check(args) -> None:
+    """launch/preflight.py's checks for these processes (all on this machine)."""
+    name = f"{args.num_processes} processes x {args.devices_per_process} CPU devices"
+    devices = args.num_processes * args.devices_per_process
+    target = preflight.Target(name, f"{name} give {devices} devices", devices,
+                              args.num_processes, Path.cwd(), unit="processes", shared_fs=True)
+    preflight.check(target, args.config, list(args.overrides), args.run_dir)
 
 
 def free_port() -> int:
@@ -116,6 +131,8 @@ def main(argv=None) -> int:
     if args.num_processes < 1 or args.devices_per_process < 1:
         p.error("--num-processes and --devices-per-process must be >= 1")
     reject_control_chars(args)
+    with preflight.refusals(PROG):
+        check(args)
     args.port = args.port or free_port()
     if args.dry_run:
         for i in range(args.num_processes):

@@ -44,3 +44,9 @@ def shell_path(value: str, *, tilde: bool = False) -> str:
     if pos < len(value) or not (parts or head):
         parts.append(shlex.quote(value[pos:]))
     return head + "".join(parts)
+
+
+def expand_vars(value: str, env: dict) -> str:
+    """`$NAME` / `${NAME}` replaced from `env` as `shell_path` lets the shell do; an unset one
+    stays as written."""
+    return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), m.group()), value)

@@ -7,17 +7,26 @@
         --config configs/ualm_gen_1.5b.yaml --run-dir gs://BUCKET/runs/gen [key=value ...] \
         [--dry-run]
 
+Before anything is printed or run, launch/preflight.py checks the launch: the config as
+`ualm train` will load it (file + overrides: a typo'd key, a missing file), the mesh against the
+slice's devices, train.batch_size against its hosts, the run dir (a multi-host slice needs a
+gs:// URL) and the config's data paths (they must exist, and reach the workers: on gs:// or
+tracked by git). A problem is one line on stderr and exit status 2.
+
 Steps (each a gcloud command; `--dry-run` prints them, one per line, shell-quoted, and runs
-nothing; lines starting with `#` are waits the launcher does itself):
+nothing; lines starting with `#` are notes, or waits the launcher does itself):
 1. create: `gcloud compute tpus tpu-vm create` (one slice), or for `--num-slices N > 1` a queued
    resource `gcloud compute tpus queued-resources create --node-count N` whose slices are the
    TPU VMs NAME-0 .. NAME-(N-1). Without --dry-run an existing slice / queued resource of that
    name is reused; `--reuse` skips the step altogether.
-2. install on every worker (`--worker=all`): the working tree as a tarball (packed into a private
-   temporary directory, removed after the copy) or a `git clone`,
-   a Python venv (uv fetches Python 3.11+; TPU images ship an older one), then
-   `pip install -r requirements.lock jax[tpu]==<pinned jax> -f <libtpu releases>` (the CPU torch
-   wheel of the lock comes from the PyTorch CPU index) and `pip install --no-deps -e .`.
+2. install on every worker (`--worker=all`): the files git tracks in the working tree
+   (uncommitted edits included; plus the --config file and its `base:` files if untracked) as a
+   tarball (packed into a private temporary directory, removed after the copy), or a
+   `git clone`; untracked data folders are never copied: data lives on a bucket (gs://) or is
+   baked in (tracked). Then a Python venv (uv fetches Python 3.11+; TPU images ship an older
+   one) and, as the Makefile installs, `uv pip install -r requirements.lock
+   -r requirements-tpu.txt -f <libtpu releases>` (every version pinned; the lock's CPU torch
+   wheel comes from the PyTorch CPU index) and `uv pip install --no-deps -e .`.
 3. run on every worker of every slice: `UALM_DISTRIBUTED=1 ualm train ...`. `ualm train` calls
    `jax.distributed.initialize()`, which on a TPU VM reads its rank, the worker list and the
    coordinator (worker 0) from the metadata server.
@@ -29,9 +38,12 @@ MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, MEGASCALE_PORT. jax numbers processes 
 parallel across slices over DCN; FSDP/TP stay inside a slice on ICI) unless the overrides
 already set a `mesh.dcn.*` size.
 
-The config path is relative to the repo root on the workers (the repo is copied there). The run
-directory should be shared by all workers: a `gs://` URL goes to every worker's command unchanged
-(the workers reach the bucket with the TPU VMs' service account), or a mounted file system.
+The config path is relative to the repo root on the workers (the repo is copied there); a
+`gs://` config is read there by `ualm train` itself. The run directory of a multi-host slice
+must be shared by all workers: a `gs://` URL, which goes to every worker's command unchanged
+(the workers reach the bucket with the TPU VMs' service account); a local path is refused. Data
+paths in the config exist here and on the workers (`--skip-path-check` when they exist only
+there, e.g. on a disk mounted on the workers).
 
 Every value put into a remote shell line is shell-quoted (`--remote-dir` keeps a leading `~/`
 and `$VAR` expansion); values with control characters (newline, CR, ...) are refused. The
@@ -52,10 +64,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+import preflight  # noqa: E402
 from shellsafe import reject_control_chars, shell_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+PROG = "launch/tpu_vm.py"
 TARBALL = "ualm-jax.tar.gz"
+FILE_LIST = "files"  # in the staging directory: what the tarball holds, NUL-separated
 # What a dry run prints for the staging directory, which only a real run creates.
 DRY_RUN_STAGE = os.path.join(tempfile.gettempdir(), "ualm-jax-XXXXXXXX")
 LIBTPU_LINKS = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
@@ -64,19 +79,16 @@ UV_VERSION = "0.13.8"  # as the Makefile
 # TPU VM runtime image per accelerator family (`--version` overrides).
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
-
-
-def pinned_jax_version() -> str:
-    for line in (REPO / "requirements.lock").read_text().splitlines():
-        if line.startswith("jax=="):
-            return line.split("==", 1)[1].strip()
-    raise SystemExit("requirements.lock pins no jax version")
+EPILOG = ("Only the files git tracks (and the --config file) are copied to the workers: data "
+          "must be on a bucket (gs://; built mixtures with data.stage_dir) or baked in (tracked "
+          "by git). The config, mesh, batch size, run dir and data paths are checked before any "
+          "gcloud command (one line and exit status 2 on a problem).")
 
 
 def default_runtime(accelerator: str) -> str:
     family = accelerator.rsplit("-", 1)[0]
     if family not in RUNTIMES:
-        raise SystemExit(f"no default runtime for {accelerator}; pass --version")
+        raise preflight.PreflightError(f"no default runtime for {accelerator}; pass --version")
     return RUNTIMES[family]
 
 
@@ -132,9 +144,24 @@ def needs_tarball(args) -> bool:
 
 
 def pack_cmd(args, stage: str = DRY_RUN_STAGE) -> list[str]:
-    """The working tree (committed or not), without the local venv, git data and runs."""
-    return ["tar", "-czf", tarball(stage), "--exclude=./.venv", "--exclude=./.git",
-            "--exclude=./runs", "--exclude=__pycache__", "--exclude=*.egg-info", "-C", str(REPO), "."]
+    """The files of the list `write_file_list` puts in the stage (as the working tree has them)."""
+    return ["tar", "-czf", tarball(stage), "-C", str(REPO), "--null", "-T",
+            os.path.join(stage, FILE_LIST)]
+
+
+def write_file_list(stage: str, files: list[str]) -> None:
+    # `./` first: a name starting with `-` is never read as a tar option.
+    data = b"".join(f"./{f}".encode("utf-8", "surrogateescape") + b"\0" for f in files)
+    Path(stage, FILE_LIST).write_bytes(data)
+
+
+def shipped_files(repo: Path, configs: list[Path], tracked=None) -> tuple[list[str], list[str]]:
+    """(every file the tarball holds, the untracked config files among them), relative to
+    `repo`: the files git tracks (`tracked`, else asks git) plus the config files, which may be
+    new."""
+    known = set(preflight.tracked_files(repo) if tracked is None else tracked)
+    extra = sorted({str(c.relative_to(repo)) for c in configs} - known)
+    return sorted(known | set(extra)), extra
 
 
 def install_script(args) -> str:
@@ -144,14 +171,17 @@ def install_script(args) -> str:
                  f"git -C {d} fetch -q origin && git -C {d} checkout -q {shlex.quote(args.git_ref)}")
     else:
         fetch = f"mkdir -p -- {d} && tar -xzf ~/{TARBALL} -C {d}"
-    pip = ".venv/bin/python -m pip install -q"
+    # As the Makefile: uv installs the pinned lock, then the project without its deps. uv
+    # takes the first index that has a package by default; the lock's pins need pip's rule (the
+    # best match over PyPI and the PyTorch CPU index, which also serves some of PyPI's names).
+    uv = "python3 -m uv pip install -q --python .venv/bin/python --compile-bytecode"
     return " && ".join([
         "set -e", fetch, f"cd -- {d}",
         f"python3 -m pip install -q --user uv=={UV_VERSION}",
         f"python3 -m uv venv -q --seed --allow-existing --python {shlex.quote(args.python)} .venv",
-        f"{pip} -r requirements.lock {shlex.quote(f'jax[tpu]=={pinned_jax_version()}')} "
-        f"-f {LIBTPU_LINKS} --extra-index-url {TORCH_CPU_INDEX}",
-        f"{pip} --no-deps -e .",
+        f"{uv} -r requirements.lock -r requirements-tpu.txt -f {LIBTPU_LINKS} "
+        f"--extra-index-url {TORCH_CPU_INDEX} --index-strategy unsafe-best-match",
+        f"{uv} --no-deps -e .",
     ])
 
 
@@ -170,8 +200,38 @@ def config_on_worker(path: str) -> str:
     try:
         return str(p.resolve().relative_to(REPO))
     except ValueError:
-        raise SystemExit(f"--config {path} is outside the repo, so the workers will not have it; "
-                         "put it under configs/") from None
+        raise preflight.PreflightError(f"--config {path} is outside the repo, so the workers "
+                                       "will not have it; put it under configs/") from None
+
+
+def check(args) -> None:
+    """launch/preflight.py's checks for this slice and how the workers get the repo; sets
+    args.ship / args.ship_untracked (the tarball's files) when the tarball is used."""
+    config = config_on_worker(args.config)
+    reaches, tracked = preflight.everywhere, set()
+    if not args.skip_install:  # --skip-install: the workers hold what the user put there
+        tracked = set(preflight.tracked_files(REPO))
+        how = (f"a clone of {args.git_url}" if args.git_url
+               else "the files git tracks (and the config)")
+        reaches = lambda p: preflight.shipped_reason(p, tracked, how)  # noqa: E731
+    target = preflight.tpu_target(args.accelerator_type, args.num_slices, REPO, reaches=reaches,
+                                  check_paths=not args.skip_path_check)
+    preflight.check(target, config, train_overrides(args), args.run_dir)
+    args.ship, args.ship_untracked = [], []
+    if args.skip_install:
+        return
+    configs = preflight.config_files(config, REPO)
+    for c in configs:
+        if REPO not in c.parents:
+            raise preflight.PreflightError(f"--config {args.config}: {c} (a `base:` file) is "
+                                           "outside the repo, so the workers will not have it")
+    ship, untracked = shipped_files(REPO, configs, tracked)
+    if args.git_url and untracked:
+        raise preflight.PreflightError(f"--config {args.config}: {', '.join(untracked)} is not "
+                                       "tracked by git, so the clone on the workers lacks it; "
+                                       "commit and push it (or leave out --git-url)")
+    if not args.git_url:
+        args.ship, args.ship_untracked = ship, untracked
 
 
 def run_script(args) -> str:
@@ -193,6 +253,10 @@ def plan(args, stage: str = DRY_RUN_STAGE) -> list[tuple[str, list[str] | str]]:
             steps.append(("wait", f"# wait until queued resource {args.name} is ACTIVE"))
     if not args.skip_install:
         if not args.git_url:
+            new = args.ship_untracked
+            extra = f" and {', '.join(new)} (untracked)" if new else ""
+            steps.append(("note", f"# the tarball: the {len(args.ship) - len(new)} files git "
+                                  f"tracks{extra}"))
             steps.append(("cmd", pack_cmd(args, stage)))
         for node in node_names(args):
             if not args.git_url:
@@ -228,6 +292,8 @@ def run_steps(args, steps) -> list[list[str]]:
     for kind, what in steps:
         if kind == "wait":
             wait_active(args)
+        elif kind == "note":
+            print(what, flush=True)
         elif kind == "start":
             starts.append(what)
         elif kind == "create" and subprocess.run(exists_cmd(args), capture_output=True).returncode == 0:
@@ -246,7 +312,7 @@ def start_all(starts) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG)
     p.add_argument("--name", required=True, help="TPU VM (or queued resource) name")
     p.add_argument("--zone", required=True)
     p.add_argument("--project", default=None, help="default: gcloud's configured project")
@@ -263,9 +329,14 @@ def main(argv=None) -> int:
     p.add_argument("--python", default="3.11", help="Python version of the workers' venv")
     p.add_argument("--detach", action="store_true",
                    help="start training in the background (log: ~/ualm-train.log on each worker)")
-    p.add_argument("--config", required=True, help="config path relative to the repo root")
+    p.add_argument("--config", required=True,
+                   help="config in the repo (its path from here or from the repo root), or gs://")
     p.add_argument("--run-dir", required=True, help="shared run directory, e.g. gs://bucket/run")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--skip-path-check", action="store_true",
+                   help="do not look for the config's data paths here (they exist only on the "
+                        "workers, e.g. a disk mounted there)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check, print the commands, run nothing")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.num_slices < 1:
@@ -273,7 +344,10 @@ def main(argv=None) -> int:
     reject_control_chars(args)
     if args.git_ref.startswith("-"):
         raise SystemExit(f"--git-ref {args.git_ref!r}: a ref cannot start with '-'")
-    args.version = args.version or default_runtime(args.accelerator_type)
+    with preflight.refusals(PROG):
+        preflight.tpu_slice(args.accelerator_type)
+        args.version = args.version or default_runtime(args.accelerator_type)
+        check(args)
     if args.dry_run:
         for _, what in plan(args):
             print(what if isinstance(what, str) else shlex.join(what))
@@ -281,6 +355,7 @@ def main(argv=None) -> int:
     if not needs_tarball(args):
         return execute(args, plan(args))
     with staging_dir() as stage:  # removed once the tarball is on the workers
+        write_file_list(stage, args.ship)
         starts = run_steps(args, plan(args, stage))
     return start_all(starts)
 

@@ -17,6 +17,16 @@ slice 0 through the JobSet headless service), JAX_NUM_PROCESSES and JAX_PROCESS_
 GKE's TPU_WORKER_ID / TPU_WORKER_HOSTNAMES / MEGASCALE_* itself. Several slices add
 `mesh.dcn.data=N` unless the overrides set a `mesh.dcn.*` size.
 
+Config: a path in the image (relative to its /app, the repo), or a `gs://` URL, which every pod's
+`ualm train` reads from the bucket at start: copy a changed config there (`gcloud storage cp`)
+and launch again, no image rebuild. Before anything is printed or run, launch/preflight.py loads
+the config as the pods will (an image path from this checkout, which the image is built from; a
+gs:// one from the bucket, with your credentials) with the overrides, and checks the mesh
+against the slices' devices, train.batch_size against their hosts, the run dir, and the data
+paths (on gs://, on a --pvc volume, or in the image: present here and not left out by
+.dockerignore; `--skip-path-check` skips the last). A problem is one line on stderr and exit
+status 2.
+
 Run directory: the hosts of a multi-host job share no file system, so `--run-dir` is a
 `gs://` URL (passed through unchanged; no volume is mounted for it), or a path under a shared
 volume mounted with `--pvc CLAIM:PATH` (a ReadWriteMany PersistentVolumeClaim, e.g. Filestore).
@@ -34,6 +44,7 @@ CR, ...) are refused.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import posixpath
 import re
@@ -43,18 +54,25 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or via runpy
+import preflight  # noqa: E402
 from shellsafe import reject_control_chars  # noqa: E402
 from templating import render  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
+PROG = "launch/xpk.py"
 TEMPLATE = Path(__file__).resolve().parent / "xpk_jobset.yaml.tmpl"
-# accelerator-type family -> (GKE accelerator label, TensorCores per chip, topology dims)
-FAMILIES = {"v4": ("tpu-v4-podslice", 2, 3), "v5p": ("tpu-v5p-slice", 2, 3),
-            "v5litepod": ("tpu-v5-lite-podslice", 1, 2), "v6e": ("tpu-v6e-slice", 1, 2)}
+IMAGE_ROOT = "/app"  # the Dockerfile's WORKDIR: the repo inside the image
+# accelerator-type family -> GKE accelerator label (chips and hosts: preflight.tpu_slice)
+GKE_LABELS = {"v4": "tpu-v4-podslice", "v5p": "tpu-v5p-slice",
+              "v5litepod": "tpu-v5-lite-podslice", "v6e": "tpu-v6e-slice"}
 TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
                256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
 TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
                256: "16x16"}
 MEGASCALE_PORT = 8080
+EPILOG = ("Data must be on a bucket (gs://), on a --pvc volume or baked into the image. The "
+          "config, mesh, batch size, run dir and data paths are checked before any kubectl or "
+          "xpk command (one line and exit status 2 on a problem).")
 # The image the Dockerfile's build command tags (see its header) and --image's default.
 IMAGE_NAME, IMAGE_TAG = "ualm-jax", "latest"
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -62,10 +80,6 @@ DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 def default_image(project: str) -> str:
     return f"gcr.io/{project}/{IMAGE_NAME}:{IMAGE_TAG}"
-
-
-def is_gcs(run_dir: str) -> bool:
-    return run_dir.startswith("gs://")
 
 
 def parse_pvcs(specs: list[str]) -> list[tuple[str, str]]:
@@ -80,16 +94,58 @@ def parse_pvcs(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def check_run_dir(args, processes: int) -> None:
-    """Multi-host: a local run dir must lie on a mounted shared volume; gs:// needs nothing."""
-    if is_gcs(args.run_dir) or processes == 1:
-        return
-    mounts = [m for _, m in parse_pvcs(args.pvc)]
-    path = posixpath.normpath(args.run_dir)
-    if not any(path.startswith("/") and posixpath.commonpath([path, m]) == m for m in mounts):
-        raise SystemExit(f"--run-dir {args.run_dir}: the {processes} hosts of this job share no "
-                         "file system; use a gs:// run dir (or mount a shared volume over it "
-                         "with --pvc CLAIM:PATH)")
+def on_this_machine(path: str) -> str:
+    """A path under the image's /app -> the same path relative to this checkout (which the
+    image is built from, and where the checks look); any other path as it is."""
+    if path == IMAGE_ROOT or path.startswith(IMAGE_ROOT + "/"):
+        return path[len(IMAGE_ROOT):].lstrip("/") or "."
+    return path
+
+
+def dockerignored(rel: str) -> str | None:
+    """The .dockerignore pattern that keeps `rel` (relative to the repo) or a folder above it
+    out of the image; None if none does (`!` exceptions are not read)."""
+    ignore = REPO / ".dockerignore"
+    lines = ignore.read_text().splitlines() if ignore.is_file() else []
+    patterns = [x.strip().strip("/") for x in lines
+                if x.strip() and not x.lstrip().startswith(("#", "!"))]
+    parts = posixpath.normpath(rel).split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        for pat in patterns:
+            bare = pat[3:] if pat.startswith("**/") else pat  # `**/x` matches x at the top too
+            if fnmatch.fnmatch(prefix, pat) or fnmatch.fnmatch(prefix, bare):
+                return pat
+    return None
+
+
+def not_in_image(path: str) -> str | None:
+    """Why a local path (relative to /app, or absolute) is not in the image; None if it is."""
+    rel = posixpath.normpath(on_this_machine(path))
+    if rel.startswith("/") or rel == ".." or rel.startswith("../"):
+        return f"is not in the image (only the repo is, at {IMAGE_ROOT})"
+    pat = dockerignored(rel)
+    return f"is left out of the image by .dockerignore ({pat})" if pat else None
+
+
+def data_in_image(path: str) -> str | None:
+    why = not_in_image(path)
+    return f"{why}: put the data on gs:// or on a --pvc volume" if why else None
+
+
+def check(args) -> None:
+    """launch/preflight.py's checks for these slices, the image and the --pvc volumes."""
+    slice_shape(args.accelerator_type, args.topology)
+    mounts = tuple(m for _, m in parse_pvcs(args.pvc))
+    why = None if "://" in args.config else not_in_image(args.config)
+    if why:
+        raise preflight.PreflightError(f"--config {args.config} {why}: use a gs:// config (the "
+                                       "pods read it at start) or one under configs/")
+    target = preflight.tpu_target(
+        args.accelerator_type, args.num_slices, REPO, mounts=mounts, reaches=data_in_image,
+        localize=on_this_machine, check_paths=not args.skip_path_check,
+        run_dir_hint="use a gs:// run dir (or mount a shared volume over it with --pvc CLAIM:PATH)")
+    preflight.check(target, on_this_machine(args.config), train_overrides(args), args.run_dir)
 
 
 def yaml_str(value: str) -> str:
@@ -102,19 +158,14 @@ def block(lines: list[str]) -> str:
 
 def slice_shape(accelerator: str, topology: str | None) -> dict:
     """v5p-128 -> GKE label, topology 4x4x4, 64 chips, 16 hosts of 4 chips."""
-    family, _, size = accelerator.rpartition("-")
-    if family not in FAMILIES or not size.isdigit():
-        raise SystemExit(f"unknown accelerator type {accelerator}; known families: "
-                         f"{', '.join(FAMILIES)} (e.g. v5p-128, v5litepod-16, v6e-32)")
-    label, cores_per_chip, dims = FAMILIES[family]
-    chips = int(size) // cores_per_chip
-    topology = topology or (TOPOLOGY_3D if dims == 3 else TOPOLOGY_2D).get(chips)
+    s = preflight.tpu_slice(accelerator)
+    chips = s["chips"]
+    topology = topology or (TOPOLOGY_3D if s["dims"] == 3 else TOPOLOGY_2D).get(chips)
     if topology is None:
-        raise SystemExit(f"no default topology for {accelerator} ({chips} chips); pass --topology")
-    # Multi-host slices have 4 chips per VM; 2D single-host machines hold up to 8.
-    per_host = chips if (dims == 2 and chips <= 8) else min(4, chips)
-    return {"gke_accelerator": label, "topology": topology, "chips": chips,
-            "chips_per_host": per_host, "hosts_per_slice": chips // per_host}
+        raise preflight.PreflightError(f"no default topology for {accelerator} ({chips} chips); "
+                                       "pass --topology")
+    return {"gke_accelerator": GKE_LABELS[accelerator.rpartition("-")[0]], "topology": topology,
+            "chips": chips, "chips_per_host": s["chips_per_host"], "hosts_per_slice": s["hosts"]}
 
 
 def train_overrides(args) -> list[str]:
@@ -187,7 +238,7 @@ def xpk_cmd(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG)
     p.add_argument("--name", required=True, help="JobSet / workload name (DNS label)")
     p.add_argument("--image", default=None,
                    help="container image with the repo installed (default, with --project: "
@@ -209,9 +260,15 @@ def main(argv=None) -> int:
                    help="(kubectl) mount this PersistentVolumeClaim at PATH in every pod; a "
                         "local --run-dir of a multi-host job must lie under one (repeatable)")
     p.add_argument("--out", default=None, help="manifest path (default: NAME.jobset.yaml)")
-    p.add_argument("--config", required=True, help="config path inside the image")
+    p.add_argument("--config", required=True,
+                   help="config path inside the image (relative to /app, the repo), or a gs:// "
+                        "URL the pods read at start (a change needs no image rebuild)")
     p.add_argument("--run-dir", required=True, help="shared run directory, e.g. gs://bucket/run")
-    p.add_argument("--dry-run", action="store_true", help="print manifest and command, run nothing")
+    p.add_argument("--skip-path-check", action="store_true",
+                   help="do not look for the config's data paths here (they exist only in a "
+                        "custom image or on the cluster)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check, print manifest and command, run nothing")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.num_slices < 1:
@@ -222,15 +279,16 @@ def main(argv=None) -> int:
             raise SystemExit("--image missing: pass --image, or --project for the default "
                              f"{default_image('PROJECT')}")
         args.image = default_image(args.project)
-    shape = slice_shape(args.accelerator_type, args.topology)
     parse_pvcs(args.pvc)
-    check_run_dir(args, args.num_slices * shape["hosts_per_slice"])
     if args.submit == "xpk":
         if not args.cluster:
             p.error("--submit xpk needs --cluster")
         if args.pvc or args.service_account:
             raise SystemExit("--pvc and --service-account are for --submit kubectl (xpk builds "
                              "its own JobSet)")
+    with preflight.refusals(PROG):
+        check(args)
+    if args.submit == "xpk":
         cmd = xpk_cmd(args)
         if args.dry_run:
             print(shlex.join(cmd))

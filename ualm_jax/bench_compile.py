@@ -6,6 +6,13 @@ libtpu's compile-only client builds the topology's devices from its name, the st
 `ShapeDtypeStruct`s sharded over a mesh of those devices, and XLA:TPU compiles the step. Nothing
 is allocated: the 7B step for v5p-128 compiles in ~5 min on 2 CPU cores.
 
+What is compiled: `--config FILE` plus KEY=VALUE overrides resolved exactly as `ualm train`
+resolves them (`ualm train --config FILE --dry-run --topology T` runs the same compile), or
+without a config a model preset. The flags --batch/--seq/--microbatches/--mesh stand for
+train.batch_size/seq_len/microbatches and mesh.ici.* and win over both. Progress lines go to
+stderr (a large compile takes minutes); the JSON record names the config, the model's dimensions
+and parameter count.
+
 Topologies: Cloud TPU names (`v5p-128`, `v4-32`: TensorCores; `v5e-8`, `v6e-16`: chips), an explicit
 chip grid (`v5p:4x4x4`, `v5e:2x4`), or `cpu:N` (N host CPU devices, for tests; `fits` is None).
 """
@@ -15,6 +22,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -180,6 +188,15 @@ def memory_report(compiled) -> dict:
             "generated_code": int(code), "total": int(arg + out - alias + temp + code)}
 
 
+def _out_of_memory(e: Exception) -> str | None:
+    """XLA:TPU's own verdict when the step cannot fit the chip's HBM (it refuses to compile), as
+    one line; None for any other failure."""
+    text = " ".join(str(e).split())
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    return text.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()[:400]
+
+
 def _cost_flops(compiled) -> float | None:
     try:
         cost = compiled.cost_analysis()
@@ -191,56 +208,192 @@ def _cost_flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops >= 0 else None
 
 
-def bench_compile(model: str = "7b", topology: str = "v5p-128", batch: int | None = None,
-                  seq: int = 4096, mesh: str | None = None, microbatches: int = 1, overrides=(),
-                  text_only: bool = False) -> dict:
-    """Lowers and compiles `ualm train`'s step (train/setup.py) for `topology` on the batch
-    contract's abstract batch (format/batch.py: data.max_clips_per_row full encoder windows with
-    their mel masks); JSON-able report.
+@dataclass
+class CompilePlan:
+    """What will be compiled, settled before anything is traced: the resolved config (its
+    train.batch_size / seq_len / microbatches are the step's), where it came from, the
+    topology's devices and the mesh over them."""
+    cfg: object
+    topo: Topology
+    devices: list
+    mesh: dict
+    config: str | None = None       # the YAML file, None for a preset
+    overrides: tuple = ()
 
-    batch defaults to one sequence per data-parallel shard (data x fsdp devices)."""
-    from ualm_jax.bench import bench_config, bench_setup
+
+def _flag_overrides(seq, microbatches, mesh, text_only) -> list[str]:
+    """The bench flags as the dotted overrides they stand for (applied after the user's own)."""
+    from ualm_jax.sharding import parse_mesh_arg
+
+    over = []
+    if seq is not None:
+        over.append(f"train.seq_len={seq}")
+    if microbatches is not None:
+        over.append(f"train.microbatches={microbatches}")
+    if mesh:
+        sizes = parse_mesh_arg(mesh)
+        over += [f"mesh.ici.{a}={getattr(sizes, a)}" for a in ("data", "fsdp", "tensor")]
+    if text_only:
+        over += ["model.num_codebooks=0", "model.audio_encoder.enabled=false"]
+    return over
+
+
+def _given(overrides, key: str) -> str | None:
+    """The last value `overrides` give `key`, else None."""
+    values = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == key]
+    return values[-1].strip() if values else None
+
+
+def plan_compile(topology: str, config: str | None = None, model: str | None = None,
+                 overrides=(), batch: int | None = None, seq: int | None = None,
+                 mesh: str | None = None, microbatches: int | None = None,
+                 text_only: bool = False) -> CompilePlan:
+    """`ualm bench compile`'s config: `config` + overrides resolved as `ualm train` resolves them
+    (load_config), or without a config the `model` preset (default tiny) at seq 4096 with one
+    sequence per data x fsdp shard. The flags win over both: --seq, --microbatches, --mesh and
+    --batch set train.seq_len, train.microbatches, mesh.ici.* and train.batch_size."""
+    from ualm_jax.config import load_config
+
+    if config and model:
+        raise ConfigError(f"--model {model} and --config {config}: the config names its model; "
+                          f"to change it add the override model.preset={model}")
+    topo = parse_topology(topology)
+    flags = _flag_overrides(seq, microbatches, mesh, text_only)
+    base = [] if config else [f"model.preset={model or 'tiny'}", "train.seq_len=4096",
+                              "train.microbatches=1"]
+    if batch is not None:
+        flags.append(f"train.batch_size={batch}")
+    auto_batch = not config and batch is None and _given(overrides, "train.batch_size") is None
+    if auto_batch:  # a placeholder that passes validation until the mesh sets it
+        mb = microbatches or _given(overrides, "train.microbatches") or 1
+        base.append(f"train.batch_size={mb}")
+    cfg = load_config(config, base + list(overrides) + flags)
+    return plan_for(cfg, topo, config, overrides, auto_batch)
+
+
+def plan_for(cfg, topology: Topology | str, config: str | None = None, overrides=(),
+             auto_batch: bool = False) -> CompilePlan:
+    """The plan for an already resolved config (`ualm train --dry-run --topology`); auto_batch:
+    one sequence per data x fsdp shard and microbatch instead of train.batch_size."""
     from ualm_jax.sharding import make_mesh
 
-    topo = parse_topology(topology)
-    cfg = bench_config(model, mesh, text_only, overrides)
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    if cfg.train.mode == "dpo" and cfg.dpo.reference == "online":
+        raise ConfigError("train.mode=dpo with dpo.reference=online cannot be compiled ahead of "
+                          "time (its reference parameters are read from train.init_from): use "
+                          "dpo.reference=offline, or train.mode=lm to size the policy's step")
     devices = topology_devices(topo)
     shape = {k: int(v) for k, v in make_mesh(cfg.mesh, devices).shape.items()}
-    if batch is None:
-        batch = shape["data"] * shape["fsdp"] * microbatches
-    if batch < 1 or batch % microbatches:
-        raise ConfigError(f"--batch={batch} must be positive and divisible by "
-                          f"--microbatches={microbatches}")
     shards = shape["data"] * shape["fsdp"]
-    if batch % shards:  # it would compile, with every chip holding the whole batch
-        raise ConfigError(f"--batch={batch} does not split over the mesh's data x fsdp = {shards} "
-                          f"batch shards: use a multiple of {shards}")
+    t = cfg.train
+    if auto_batch:
+        t.batch_size = shards * t.microbatches
+        t.validate()
+    if t.batch_size % shards:  # it would compile, with every chip holding the whole batch
+        raise ConfigError(f"train.batch_size={t.batch_size} (--batch) does not split over the "
+                          f"mesh's data x fsdp = {shards} batch shards: use a multiple of {shards}")
+    return CompilePlan(cfg, topo, devices, shape, str(config) if config else None,
+                       tuple(overrides))
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def model_dims(m) -> dict:
+    """The shape-defining fields of the compiled model, so a wrong model cannot hide."""
+    enc = m.audio_encoder
+    return {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+            "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "d_ff": m.d_ff,
+            "text_vocab_size": m.text_vocab_size, "num_codebooks": m.num_codebooks,
+            "codebook_size": m.codebook_size,
+            "audio_encoder": ({"d_model": enc.d_model, "n_layers": enc.n_layers,
+                               "n_heads": enc.n_heads, "frozen": enc.frozen}
+                              if enc.enabled else None)}
+
+
+def _summary(r: dict) -> list[str]:
+    d, p = r["model_dims"], r["parameters"]
+    enc = d["audio_encoder"]
+    src = f"config {r['config']}" if r["config"] else f"preset {r['model']}"
+    if r["overrides"]:
+        src += f" + {' '.join(r['overrides'])}"
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    return [f"{src}: model {r['model']} (d_model {d['d_model']}, {d['n_layers']} layers, "
+            f"{d['n_heads']} heads / {d['n_kv_heads']} kv, d_ff {d['d_ff']}, "
+            f"{d['num_codebooks']} codebooks, encoder "
+            f"{'none' if enc is None else str(enc['n_layers']) + ' x ' + str(enc['d_model'])}), "
+            f"{_billions(p['total'])} parameters ({_billions(p['trainable'])} trained, stage "
+            f"{r['stage']})",
+            f"batch {r['batch']} x seq {r['seq']}, microbatches {r['microbatches']}, remat "
+            f"{r['remat']}, {r['dtype']}; topology {r['topology']}: {r['chips']} x "
+            f"{r['device_kind']}, mesh {mesh}"]
+
+
+def compile_plan(plan: CompilePlan, progress=_say) -> dict:
+    """Lowers and compiles `ualm train`'s step (train/setup.py: same freeze masks, task ids and
+    batch contract) for the plan's devices on abstract inputs; JSON-able report. progress (None:
+    silent) gets a line before the compile, which can take minutes, and one after."""
+    from ualm_jax.train import data as data_lib
+    from ualm_jax.train.setup import setup_training
+
+    say = progress or (lambda line: None)
+    cfg, topo, devices = plan.cfg, plan.topo, plan.devices
+    t = cfg.train
+    batch, seq = t.batch_size, t.seq_len
     t0 = time.perf_counter()
-    setup = bench_setup(cfg, batch, seq, microbatches, devices)
+    setup = setup_training(cfg, data_lib.task_names(cfg), devices=devices, rows=batch)
+    shapes = setup.params_info["params"]
+    params = {"total": int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))),
+              "trainable": int(freeze.count_trainable(setup.trainable, shapes))}
+    rec = {
+        "bench": "compile", "config": plan.config, "overrides": list(plan.overrides),
+        "model": cfg.model.preset, "model_dims": model_dims(cfg.model), "parameters": params,
+        "topology": topo.name, "platform": topo.platform,
+        "libtpu_topology": topo.libtpu_name if topo.platform == "tpu" else None,
+        "device_kind": devices[0].device_kind, "chips": len(devices), "mesh": plan.mesh,
+        "batch": batch, "seq": seq, "microbatches": t.microbatches,
+        "text_only": cfg.model.num_codebooks == 0 and not cfg.model.audio_encoder.enabled,
+        "remat": cfg.model.remat, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
+        "train_mode": t.mode, "tasks": list(setup.task_names),
+        "batch_spec": {k: [list(v.shape), str(v.dtype)] for k, v in setup.batch_spec.items()},
+        "stage": t.stage, "encoder_frozen": cfg.model.audio_encoder.frozen,
+        **_model_flops(cfg, setup),
+    }
+    for line in _summary(rec):
+        say(line)
+    say(f"compiling the train step for {topo.name} ... (minutes for billions of parameters)")
     lowered = setup.step_fn.lower(setup.abstract_state, setup.batch_spec)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    hbm = topo.hbm_bytes
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only XLA:TPU's out-of-HBM refusal is an answer
+        oom = _out_of_memory(e)
+        if oom is None:
+            raise
+        compile_s = time.perf_counter() - t1
+        say(f"does NOT fit: {oom} (after {compile_s:.1f} s); try more chips, a larger "
+            f"train.microbatches or a smaller train.batch_size")
+        return {**rec, "per_chip_bytes": None, "per_chip_gib": None, "hbm_bytes": hbm,
+                "hbm_gib": None if hbm is None else hbm / GiB, "fits": False,
+                "compile_error": oom, "lower_s": round(t1 - t0, 3),
+                "compile_s": round(compile_s, 3)}
     compile_s = time.perf_counter() - t1
     mem = memory_report(compiled)
     flops_chip = _cost_flops(compiled)
-    hbm = topo.hbm_bytes
-    # The analytic count for the worst case the spec allows: one segment per row, every clip
-    # slot a window of audio.
-    clips = setup.batch_spec.get("audio_mel_mask")
-    windows = 0 if clips is None else clips.shape[0] * clips.shape[1]
-    model_flops = step_flops(cfg.model, batch, seq, batch * seq * (seq + 1) // 2, windows,
-                             freeze.adapter_trained(setup.trainable))
+    fits = None if hbm is None else mem["total"] <= hbm
+    say(f"compiled in {compile_s:.1f} s (lowering {t1 - t0:.1f} s): {mem['total'] / GiB:.3f} GiB "
+        f"per chip at peak" + ("" if hbm is None else f" of {hbm / GiB:g} GiB HBM: "
+                               f"{'fits' if fits else 'does NOT fit'}"))
     return {
-        "bench": "compile", "model": model, "topology": topo.name, "platform": topo.platform,
-        "libtpu_topology": topo.libtpu_name if topo.platform == "tpu" else None,
-        "device_kind": devices[0].device_kind, "chips": len(devices), "mesh": shape,
-        "batch": batch, "seq": seq, "microbatches": microbatches, "text_only": text_only,
-        "remat": cfg.model.remat, "dtype": cfg.model.dtype,
-        "batch_spec": {k: [list(v.shape), str(v.dtype)] for k, v in setup.batch_spec.items()},
-        "stage": cfg.train.stage, "encoder_frozen": cfg.model.audio_encoder.frozen,
+        **rec,
         "per_chip_bytes": mem, "per_chip_gib": round(mem["total"] / GiB, 3),
-        "hbm_bytes": hbm, "hbm_gib": None if hbm is None else hbm / GiB,
-        "fits": None if hbm is None else mem["total"] <= hbm,
+        "hbm_bytes": hbm, "hbm_gib": None if hbm is None else hbm / GiB, "fits": fits,
         "lower_s": round(t1 - t0, 3), "compile_s": round(compile_s, 3),
         # XLA's cost analysis of one chip's partition, times the chips. It counts the body of
         # every while loop once (scanned layers, microbatches, loss chunks), so with
@@ -248,29 +401,58 @@ def bench_compile(model: str = "7b", topology: str = "v5p-128", batch: int | Non
         "flops_per_step": None if flops_chip is None else flops_chip * len(devices),
         "flops_per_chip": flops_chip,
         "flops_note": "XLA cost analysis; while-loop bodies (scanned layers) counted once",
-        "model_flops_per_step": model_flops["total"], "model_flops_by_part": model_flops,
-        "model_flops_note": "one segment per row, every clip slot holding audio (upper bound)",
     }
 
 
-def dry_run(cfg) -> dict:
-    """`ualm train --dry-run`: the run's setup (train/setup.py) on this machine's devices, its
-    first batch read and checked against the batch contract, the train step compiled ahead of
-    time on abstract inputs; per-device memory and the step's model FLOPs. Writes nothing."""
+def _model_flops(cfg, setup) -> dict:
+    """The analytic count for the worst case the batch spec allows: one segment per row, every
+    clip slot a window of audio."""
+    batch, seq = cfg.train.batch_size, cfg.train.seq_len
+    clips = setup.batch_spec.get("audio_mel_mask")
+    windows = 0 if clips is None else clips.shape[0] * clips.shape[1]
+    flops = step_flops(cfg.model, batch, seq, batch * seq * (seq + 1) // 2, windows,
+                       freeze.adapter_trained(setup.trainable))
+    return {"model_flops_per_step": flops["total"], "model_flops_by_part": flops,
+            "model_flops_note": "one segment per row, every clip slot holding audio (upper bound)"}
+
+
+def bench_compile(model: str | None = None, topology: str = "v5p-128", batch: int | None = None,
+                  seq: int | None = None, mesh: str | None = None,
+                  microbatches: int | None = None, overrides=(), text_only: bool = False,
+                  config: str | None = None, progress=_say) -> dict:
+    """`ualm bench compile`: plan_compile's config compiled for `topology` (compile_plan)."""
+    return compile_plan(plan_compile(topology, config, model, overrides, batch, seq, mesh,
+                                     microbatches, text_only), progress)
+
+
+def dry_run(cfg, topology: str | None = None, config: str | None = None, overrides=(),
+            progress=_say) -> dict:
+    """`ualm train --dry-run`. With a topology: the resolved config's step compiled for it, the
+    same compile as `ualm bench compile --config` (no data read; it may live on the slice's
+    hosts). Without: the run's setup (train/setup.py) on this machine's devices, its first batch
+    read and checked against the batch contract, the train step compiled ahead of time on
+    abstract inputs; per-device memory and the step's model FLOPs. Writes nothing."""
+    warnings = [w for w in [freeze.random_frozen_encoder(cfg)] if w]
+    if topology:
+        return {**compile_plan(plan_for(cfg, topology, config, overrides), progress),
+                "warnings": warnings}
     from ualm_jax.format.batch import check_batch, host_batch_spec
     from ualm_jax.model.flops import batch_step_flops
     from ualm_jax.train import data as data_lib
     from ualm_jax.train.setup import setup_training
 
+    say = progress or (lambda line: None)
     t0 = time.perf_counter()
     names = data_lib.task_names(cfg)
     setup = setup_training(cfg, names)
     it = data_lib.make_train_iterator(cfg)
     local = data_lib.process_rows(next(it), it.per_host)
     check_batch(local, host_batch_spec(cfg, jax.process_count()), f"{type(it).__name__} batch")
+    say(f"compiling the train step for {jax.device_count()} x {jax.devices()[0].device_kind} ...")
     t1 = time.perf_counter()
     compiled = setup.step_fn.lower(setup.abstract_state, setup.batch_spec).compile()
     compile_s = time.perf_counter() - t1
+    say(f"compiled in {compile_s:.1f} s")
     mem = memory_report(compiled)
     flops = batch_step_flops(cfg.model, local, freeze.adapter_trained(setup.trainable))
     return {"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
@@ -281,10 +463,14 @@ def dry_run(cfg) -> dict:
             "state_gib": round(sum(x.size * x.dtype.itemsize
                                    for x in jax.tree.leaves(setup.abstract_state)) / GiB, 3),
             "model_flops_first_batch": flops["total"] * jax.process_count(),
-            "setup_s": round(t1 - t0, 2), "compile_s": round(compile_s, 2)}
+            "setup_s": round(t1 - t0, 2), "compile_s": round(compile_s, 2),
+            "warnings": warnings if data_lib.reads_encoder_audio(cfg) else []}
 
 
 def format_dry_run(r: dict) -> str:
+    warnings = [f"warning: {w}" for w in r.get("warnings", [])]
+    if r.get("bench") == "compile":
+        return "\n".join([_format_topology_dry_run(r), *warnings])
     spec = ", ".join(f"{k} {v}" for k, v in r["batch_spec"].items())
     m = r["per_device_bytes"]
     return "\n".join([
@@ -294,4 +480,20 @@ def format_dry_run(r: dict) -> str:
         f"train state {r['state_gib']} GiB in all; per device at peak {r['per_device_gib']} GiB "
         f"(arguments {m['argument'] / GiB:.3f}, temporaries {m['temp'] / GiB:.3f} GiB)",
         f"model FLOPs of the first batch's step: {r['model_flops_first_batch']:.3e}; "
-        f"compiled in {r['compile_s']} s (set-up {r['setup_s']} s)"])
+        f"compiled in {r['compile_s']} s (set-up {r['setup_s']} s)", *warnings])
+
+
+def _format_topology_dry_run(r: dict) -> str:
+    m = r["per_chip_bytes"]
+    if m is None:  # XLA:TPU refused: out of HBM
+        return "\n".join([
+            f"dry run for {r['topology']}: nothing written, no data read (compile only)",
+            *_summary(r), f"does NOT fit per chip: {r['compile_error']}"])
+    hbm = ("" if r["hbm_bytes"] is None else
+           f" of {r['hbm_gib']:g} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
+    return "\n".join([
+        f"dry run for {r['topology']}: nothing written, no data read (compile only)", *_summary(r),
+        f"per chip at peak {r['per_chip_gib']} GiB{hbm} (arguments {m['argument'] / GiB:.3f}, "
+        f"temporaries {m['temp'] / GiB:.3f} GiB)",
+        f"model FLOPs per step (upper bound) {r['model_flops_per_step']:.3e}; compiled in "
+        f"{r['compile_s']} s"])

@@ -16,17 +16,26 @@ from ualm_jax.config import ConfigError
 def _bench(args) -> int:
     from ualm_jax.bench import bench_step, print_json
 
+    if args.config and args.what not in ("data", "compile"):  # never silently benched the preset
+        print(f"ualm bench: error: bench {args.what} does not take --config (only data and "
+              f"compile do): pick the model with --model PRESET and KEY=VALUE overrides",
+              file=sys.stderr)
+        return 2
     if args.what == "compile":
         from ualm_jax.bench_compile import TpuCompileUnavailable, bench_compile
 
-        try:
-            rec = bench_compile(args.model, args.topology, batch=args.batch, seq=args.seq or 4096,
+        try:  # --config and its overrides resolved as `ualm train` does; the flags win
+            rec = bench_compile(args.model, args.topology, batch=args.batch, seq=args.seq,
                                 mesh=args.mesh, microbatches=args.microbatches,
-                                overrides=args.overrides, text_only=args.text_only)
+                                overrides=args.overrides, text_only=args.text_only,
+                                config=args.config)
         except TpuCompileUnavailable as e:
             print(f"ualm bench: error: {e}", file=sys.stderr)
             return 2
         print_json(rec)
+        return 0
+    args.model = args.model or "tiny"
+    args.microbatches = args.microbatches or 1
     if args.what == "data":
         from data_pipelines.bench_data import bench_data, bench_data_from_config
 
@@ -69,17 +78,26 @@ def _train(args) -> int:
     from ualm_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.topology and not args.dry_run:
+        raise ValueError(f"--topology {args.topology} only sizes a run without training it: "
+                         "add --dry-run")
     if args.dry_run:
-        from ualm_jax.bench_compile import dry_run, format_dry_run
+        from ualm_jax.bench_compile import TpuCompileUnavailable, dry_run, format_dry_run
 
-        print(format_dry_run(dry_run(cfg)))
-        return 0
+        try:  # with --topology: the same compile as `ualm bench compile --config`, no data read
+            rec = dry_run(cfg, args.topology, args.config, args.overrides)
+        except TpuCompileUnavailable as e:
+            print(f"ualm train: error: {e}", file=sys.stderr)
+            return 2
+        print(format_dry_run(rec))
+        return 1 if rec.get("fits") is False else 0  # a check: a step that cannot fit fails it
     if not args.run_dir:
         raise ConfigError("ualm train needs --run-dir DIR (or --dry-run to check the setup "
                           "without writing anything)")
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after {args.stop_after}: expected a number of steps >= 1")
-    summary = train(cfg, args.run_dir, hooks=eval_hooks(cfg), max_steps_this_run=args.stop_after)
+    summary = train(cfg, args.run_dir, hooks=eval_hooks(cfg), max_steps_this_run=args.stop_after,
+                    reset_data_state=args.reset_data_state)
     if summary.get("nothing_trained"):
         print("rerun the same command to train")
     elif summary["preempted"]:
@@ -449,9 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="resolve the config, build the model, open the data, compile the train "
                         "step and report its memory; write nothing")
+    t.add_argument("--topology", default=None,
+                   help="with --dry-run: compile for this TPU slice instead of the local devices "
+                        "(v5p-128, v5e-8, v5p:4x4x4; needs libtpu, not a TPU) or cpu:N, and "
+                        "report per-chip memory against its HBM (exit 1 if it does not fit); "
+                        "reads no data")
     t.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="train at most this many steps in this invocation, save a checkpoint and "
                         "exit (e.g. to fit a job's time slot); rerunning continues the run")
+    t.add_argument("--reset-data-state", action="store_true",
+                   help="resume parameters and optimiser from the run dir's latest checkpoint "
+                        "but start the data stream afresh (e.g. after changing train.batch_size, "
+                        "which the saved stream position cannot follow)")
     add_overrides(t)
     t.set_defaults(func=_train)
 
@@ -552,20 +579,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile: v5p-128, v4-32, v5e-8, v6e-16, a chip grid like v5p:4x4x4, or cpu:N")
     b.add_argument("--config", default=None,
                    help="data: a config whose data.mixture shards to read (default: in-memory "
-                        "records at the paper's shapes, --batch x --seq)")
+                        "records at the paper's shapes, --batch x --seq); compile: the config "
+                        "to compile, resolved with its KEY=VALUE overrides as `ualm train` does "
+                        "(model, mesh, train.batch_size/seq_len/microbatches, remat, ...); the "
+                        "other benches refuse it")
     b.add_argument("--seconds", type=float, default=5.0, help="data: seconds to measure")
     b.add_argument("--out", "--workdir", dest="out", default="runs/bench-export",
                    help="export/import: where checkpoints go")
     b.add_argument("--format", default="pytorch", choices=["pytorch", "hf-text"], help="export format")
-    b.add_argument("--model", default="tiny", help="model preset: tiny, 0.5b, 1.5b, 7b")
+    b.add_argument("--model", default=None,
+                   help="model preset (default: tiny): tiny, 0.5b, 1.5b, 7b; compile: not "
+                        "with --config (override model.preset=... instead)")
     b.add_argument("--batch", type=int, default=None,
-                   help="global batch (sequences; step/data: 8, compile: one per data x fsdp device)")
+                   help="global batch (sequences; step/data: 8, compile: one per data x fsdp "
+                        "device, or with --config train.batch_size, which this overrides)")
     b.add_argument("--seq", type=int, default=None,
-                   help="sequence length (default: step 128, data and compile 4096)")
-    b.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: fsdp over all)")
+                   help="sequence length (default: step 128, data and compile 4096, compile "
+                        "with --config train.seq_len, which this overrides)")
+    b.add_argument("--mesh", default=None,
+                   help="e.g. data=2,fsdp=2,tensor=2 (default: fsdp over all; compile with "
+                        "--config: mesh.ici, which this overrides)")
     b.add_argument("--steps", type=int, default=5, help="timed steps (decode: timed generations)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    b.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
+    b.add_argument("--microbatches", type=int, default=None,
+                   help="gradient accumulation steps (default 1; compile with --config: "
+                        "train.microbatches, which this overrides)")
     b.add_argument("--text-only", action="store_true",
                    help="plain Qwen2 backbone: no audio streams, no audio ids, no encoder")
     b.add_argument("--peak-tflops", type=float, default=None,

@@ -426,6 +426,8 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         check_choices(self, prefix)
+        if self.codec.startswith(CODEC_PREFIX):  # an override's `spectral:DIR`: the folder
+            self.codec = self.codec[len(CODEC_PREFIX):]
         if self.source == "preference" and not self.preference_path:
             raise ConfigError(f"{prefix}.source=preference needs {prefix}.preference_path")
         if not 0.0 <= self.cfg_dropout <= 1.0:
@@ -523,8 +525,13 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, relative_to=None) -> str:
+        """YAML of the config; with `relative_to` (the folder the file is written into), local
+        paths are written relative to that folder (see `relative_paths`)."""
+        raw = self.to_dict()
+        if relative_to is not None:
+            raw = relative_paths(raw, relative_to)
+        return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _in_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
@@ -649,13 +656,53 @@ def from_dict(cls, data: Any, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = prefix or "config"
-        raise ConfigError(f"unknown key(s) {', '.join(repr(u) for u in unknown)} in {where}; "
-                          f"valid keys: {', '.join(sorted(fields))}")
+        raise ConfigError(unknown_keys_message(unknown, fields, prefix or "config"))
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
+
+
+def unknown_keys_message(unknown, valid, where: str, source: str = "") -> str:
+    """`unknown key 'learning_rat' in optim (did you mean 'learning_rate'?); valid keys: ...`,
+    prefixed by the file or override that holds it when known."""
+    import difflib
+
+    parts = []
+    for u in unknown:
+        close = difflib.get_close_matches(str(u), [str(v) for v in valid], n=1, cutoff=0.6)
+        dotted = f"{where}.{u}" if where != "config" else str(u)
+        parts.append(repr(dotted) + (f" (did you mean {where + '.' if where != 'config' else ''}"
+                                     f"{close[0]}?)" if close else ""))
+    head = f"{source}: " if source else ""
+    return (f"{head}unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; valid keys in "
+            f"{where}: {', '.join(sorted(map(str, valid)))}")
+
+
+# Former names still accepted under a section (translated before the config is built).
+_ALIASES = {"train": ("objective",)}
+
+
+def check_keys(raw: dict, source: str, cls=None, prefix: str = "") -> None:
+    """Every key of a raw config mapping (one file's, or one override's) exists in the schema;
+    the error names `source` (the file or the override) and the closest valid key."""
+    cls = cls or Config
+    if not isinstance(raw, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    allowed = set(fields) | set(_ALIASES.get(prefix, ()))
+    if cls is Config:
+        allowed.add("base")
+    unknown = sorted(k for k in raw if k not in allowed)
+    if unknown:
+        raise ConfigError(unknown_keys_message(unknown, fields, prefix or "config", source))
+    hints = _hints(cls)
+    for name, value in raw.items():
+        tp = hints.get(name)
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if tp is not None else []
+        tp = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and args else tp
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            check_keys(value, source, tp, f"{prefix}.{name}" if prefix else name)
 
 
 def _coerce(tp, value, name: str):
@@ -719,6 +766,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    check_keys(raw, str(path))
     _anchor_paths(raw, path.parent)
     bases = raw.pop("base", None) or []
     if isinstance(bases, str):
@@ -739,21 +787,57 @@ PATH_KEYS = (("data", "preference_path"), ("data", "tokenizer"), ("data", "codec
              ("train", "init_from"))
 
 
+CODEC_PREFIX = "spectral:"  # the builders' codec spec; a codec folder names its class itself
+
+
+def map_paths(raw: dict, fn) -> dict:
+    """Applies fn to every path value of a raw config (PATH_KEYS and data.mixture[i].path), in
+    place; returns raw. A `spectral:DIR` codec becomes DIR (its config.json says spectral)."""
+    def apply(value):
+        if isinstance(value, str) and value:
+            return fn(value)
+        return value
+
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("codec"), str) \
+            and data["codec"].startswith(CODEC_PREFIX):
+        data["codec"] = data["codec"][len(CODEC_PREFIX):]
+    for section, key in PATH_KEYS:
+        node = raw.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = apply(node[key])
+    if isinstance(data, dict) and isinstance(data.get("mixture"), list):
+        data["mixture"] = [dict(e, path=apply(e["path"])) if isinstance(e, dict) and "path" in e
+                           else e for e in data["mixture"]]
+    return raw
+
+
 def _anchor_paths(raw: dict, folder) -> None:
     def anchored(value):
-        if isinstance(value, str) and value.startswith(("./", "../")):
+        if value.startswith(("./", "../")):
             joined = str(folder / value)
             return joined if storage.is_url(joined) else os.path.normpath(joined)
         return value
 
-    for section, key in PATH_KEYS:
-        node = raw.get(section)
-        if isinstance(node, dict) and key in node:
-            node[key] = anchored(node[key])
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("mixture"), list):
-        data["mixture"] = [dict(e, path=anchored(e["path"])) if isinstance(e, dict) and "path" in e
-                           else e for e in data["mixture"]]
+    map_paths(raw, anchored)
+
+
+def relative_paths(raw: dict, folder) -> dict:
+    """Local paths of a raw config rewritten relative to `folder` as ./ or ../ paths, which a
+    config file in `folder` resolves from itself (`_anchor_paths`): a run dir's config.yaml keeps
+    working from any directory and after the run dir and its data move together. URLs, and
+    every path when `folder` is a URL, stay as they are."""
+    if storage.is_url(folder):
+        return raw
+    here = os.path.abspath(os.fspath(folder))
+
+    def relative(value):
+        if storage.is_url(value):
+            return value
+        rel = os.path.relpath(os.path.abspath(value), here).replace(os.sep, "/")
+        return rel if rel == ".." or rel.startswith("../") else "./" + rel
+
+    return map_paths(raw, relative)
 
 
 def _one_key_for_dpo(raw: dict) -> dict:
@@ -796,6 +880,12 @@ def config_path(path: str | Path):
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 cls=Config):
     raw: dict = {} if path is None else _read_yaml(config_path(path))
+    if cls is Config:
+        for item in overrides or []:
+            keys, value = parse_override(item)
+            for k in reversed(keys):
+                value = {k: value}
+            check_keys(value, f"override {item!r}")
     raw = apply_overrides(raw, list(overrides or []))
     if any(f.name == "model" for f in dataclasses.fields(cls)):
         raw = _expand_presets(raw)

@@ -42,8 +42,22 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, ..
     if math.prod(sizes) != num_devices:
         desc = ", ".join(f"{n}={s}" for n, s in zip(names, sizes) if s != 1) or "all 1"
         raise ConfigError(f"mesh sizes ({desc}) multiply to {math.prod(sizes)} but "
-                          f"{num_devices} devices are present")
+                          f"{num_devices} devices are present" + cpu_devices_hint(math.prod(sizes), num_devices))
     return tuple(sizes[:3]), tuple(sizes[3:])
+
+
+def cpu_devices_hint(wanted: int, present: int) -> str:
+    """When the mesh is laid over this CPU host's own devices and they are too few: how to get
+    fake ones (what `make` sets), else ''."""
+    import os
+
+    if jax.default_backend() != "cpu" or present != jax.device_count() or present >= wanted:
+        return ""
+    flag = "--xla_force_host_platform_device_count"
+    if flag in os.environ.get("XLA_FLAGS", ""):
+        return ""
+    return (f" (on CPU, run with XLA_FLAGS={flag}={wanted} to get {wanted} host devices, as "
+            "`make demo` and `make test` do)")
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:

@@ -3,7 +3,9 @@
 Manifest: JSON lines
   {"messages": [{"role": "system", "content": "..."},
                 {"role": "user", "content": "What is making this sound?", "audio": "a.wav"},
-                {"role": "assistant", "content": "A dog."}, ...], "split"?: "validation"}
+                {"role": "assistant", "content": "A dog."}, ...],
+   "split"?: "validation", "id"?: ...}
+Other keys, on the line or in a message, are refused (unknown_key).
 `audio` (user turns only) is one path or a list of paths, relative to the manifest's folder; a user
 turn is its text (may be empty when it has audio) then its audio segments, as the UALM template has
 it. Audio is stored as log-mel (the frozen encoder's input), text as tokenizer ids; assistant turns
@@ -12,10 +14,30 @@ are text and carry the loss. No codec is needed (one may be given: token counts 
 from __future__ import annotations
 
 from data_pipelines import features as F
-from data_pipelines.builders.common import Converter, ManifestBuilder, Skip, require_text
+from data_pipelines.builders.common import (Converter, ManifestBuilder, Skip, check_keys, paths,
+                                            require_text, strings)
 from ualm_jax.format.template import Segment
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "audio")
+
+
+def message_list(data: dict) -> list:
+    """The message objects of a line (none when `messages` is not a list)."""
+    messages = data.get("messages")
+    return [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+
+
+def message_texts(data: dict) -> list:
+    return strings(*(m.get("content") for m in message_list(data)))
+
+
+def message_audio(data: dict) -> list:
+    out = []
+    for m in message_list(data):
+        audio = m.get("audio")
+        out += paths(*(audio if isinstance(audio, list) else [audio]))
+    return out
 
 
 def check_messages(data: dict, allow_audio: bool) -> list:
@@ -29,6 +51,7 @@ def check_messages(data: dict, allow_audio: bool) -> list:
         where = f"message {i}"
         if not isinstance(m, dict):
             raise Skip("bad_value", f"{where} must be an object")
+        check_keys(m, MESSAGE_KEYS, f" in {where}")
         if "role" not in m:
             raise Skip("missing_key", f"missing key 'role' in {where}")
         role = m["role"]
@@ -53,6 +76,15 @@ def check_messages(data: dict, allow_audio: bool) -> list:
 class AudioQAConverter(Converter):
     kind = "audio-qa"
     default_task = "audio_qa"
+    keys = ("messages",)
+
+    @classmethod
+    def texts(cls, data: dict) -> list:
+        return message_texts(data)
+
+    @classmethod
+    def audio_refs(cls, data: dict) -> list:
+        return message_audio(data)
 
     def check(self, data: dict) -> None:
         check_messages(data, allow_audio=True)

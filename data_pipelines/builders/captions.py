@@ -1,7 +1,8 @@
 """Caption pairs -> text-to-audio and captioning records, from one manifest.
 
-Manifest: JSON lines `{"audio": "clips/a.wav", "caption": "a dog barks", "split"?: "validation"}`,
-audio paths relative to the manifest's folder (or absolute / gs://).
+Manifest: JSON lines `{"audio": "clips/a.wav", "caption": "a dog barks", "split"?: "validation",
+"id"?: ...}`, audio paths relative to the manifest's folder (or absolute / gs://). Any other key is
+refused (unknown_key).
 
 Design: each line is decoded once and gives up to TWO records, one per task, so both objectives
 read from one build and neither carries the other's heavy field:
@@ -18,7 +19,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 
 from data_pipelines import features as F
-from data_pipelines.builders.common import Converter, ManifestBuilder, require_text
+from data_pipelines.builders.common import Converter, ManifestBuilder, paths, require_text, strings
 from ualm_jax.format.template import captioning_segments, text_to_audio_segments
 
 TASK_CHOICES = ("both", "t2a", "caption")
@@ -27,6 +28,7 @@ TASK_CHOICES = ("both", "t2a", "caption")
 class CaptionsConverter(Converter):
     kind = "captions"
     default_task = "both"
+    keys = ("audio", "caption")
 
     def __init__(self, **kwargs):
         task = kwargs.get("task") or self.default_task
@@ -41,6 +43,14 @@ class CaptionsConverter(Converter):
     @property
     def config_name(self) -> str:
         return self.task
+
+    @classmethod
+    def texts(cls, data: dict) -> list:
+        return strings(data.get("caption"))
+
+    @classmethod
+    def audio_refs(cls, data: dict) -> list:
+        return paths(data.get("audio"))
 
     def check(self, data: dict) -> None:
         require_text(data, "audio", "audio")

@@ -4,11 +4,13 @@ that becomes `build_report.json` and `stats.json`, and the TFDS plumbing (featur
 record, `ManifestBuilder`, the Beam transform).
 
 Life of one manifest line (`iter_lines`: ends at \n, \r\n or a lone \r):
-  1. `parse_line`: JSON object -> its split ("split" field, else `eval_fraction` by a hash of the
-     line). Malformed lines are logged here, once, by the first split's pass; so are lines over
-     the `Limits` (line_too_long, too_deep: checked before the JSON parser runs) and numbers too
-     long to convert (number_too_long). It raises nothing but Skip.
-  2. `Converter.check`: cheap structure checks (keys, types, empty text).
+  1. `parse_line`: JSON object -> its split ("split" field, else a `Splitter`: `eval_fraction`
+     by a hash of the line's audio paths or of its parsed content). Malformed lines are logged
+     here, once, by the first split's pass; so are lines over the `Limits` (line_too_long,
+     too_deep: checked before the JSON parser runs) and numbers too long to convert
+     (number_too_long). It raises nothing but Skip.
+  2. `Converter.check_keys` (a key the kind does not read is a typo: unknown_key, with the close
+     match) then `Converter.check`: cheap structure checks (keys, types, empty text).
   3. `Converter.records`: the expensive part (audio decode, codec, mel), -> records.
 Every line ends as exactly one log entry: written (with records and tokens per task) or skipped
 (with `code`, a short category, and `reason`, a sentence naming the problem and the file). Nothing
@@ -21,6 +23,7 @@ writes its log entries as JSON lines next to the dataset (see data_pipelines/bui
 from __future__ import annotations
 
 import contextlib
+import difflib
 import glob
 import hashlib
 import inspect
@@ -33,7 +36,7 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -50,6 +53,9 @@ CHUNK_LINES = 1000  # manifest lines per unit of (Beam) work
 LOG_DIR = "_build_log"  # Beam workers' log shards, merged into the report
 MAX_LINE_BYTES = 16 << 20  # a longer manifest line is skipped (line_too_long), never read whole
 MAX_JSON_DEPTH = 64  # deeper nesting is skipped (too_deep) before the JSON parser recurses
+# Keys every kind accepts: the split, and an identifier (make-pairs writes one) no builder reads.
+COMMON_KEYS = ("split", "id")
+SPLIT_BY = ("audio", "line")  # what eval_fraction hashes (Splitter)
 
 
 def encoder_frames_of_mel(n_mel_frames: int) -> int:
@@ -179,18 +185,18 @@ _DIGITS = re.compile(r"\d{%d,}" % (sys.get_int_max_str_digits() + 1 if hasattr(
     sys, "get_int_max_str_digits") else 4301))
 
 
-def parse_line(raw, eval_fraction: float, limits: Limits = Limits()) -> tuple:
+def parse_line(raw, splitter: Union["Splitter", float], limits: Limits = Limits()) -> tuple:
     """-> (split, data) or raise Skip; never raises anything else. Blank lines count as input
-    lines, so they are skipped too."""
+    lines, so they are skipped too. `splitter`: a Splitter, or an eval_fraction (by line)."""
     try:
-        return _parse_line(raw, eval_fraction, limits)
+        return _parse_line(raw, as_splitter(splitter), limits)
     except Skip:
         raise
     except Exception as e:  # whatever a hostile line triggers: the line is skipped, not the build
         raise Skip("bad_json", f"cannot read the line: {type(e).__name__}: {e}") from None
 
 
-def _parse_line(raw, eval_fraction: float, limits: Limits) -> tuple:
+def _parse_line(raw, splitter: "Splitter", limits: Limits) -> tuple:
     if isinstance(raw, LongLine):
         raise Skip("line_too_long", f"line of {raw.size} bytes, above the limit of "
                                     f"{limits.max_line_bytes} (max_line_bytes)")
@@ -224,7 +230,7 @@ def _parse_line(raw, eval_fraction: float, limits: Limits) -> tuple:
         if not isinstance(split, str) or split.lower() not in SPLIT_ALIASES:
             raise Skip("bad_value", f"unknown split {_short(split)} (use train or validation)")
         return SPLIT_ALIASES[split.lower()], data
-    return ("validation" if _hash_fraction(text) < eval_fraction else "train"), data
+    return splitter.split_of(data), data
 
 
 def _short(value, n: int = 80) -> str:
@@ -237,10 +243,63 @@ def _short(value, n: int = 80) -> str:
 
 
 def _hash_fraction(text: str) -> float:
-    """A line's stable place in [0, 1): its content, not its position, picks its split, so
-    reordering or appending to a manifest moves no example between splits."""
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    """A stable place in [0, 1): content, not position, picks a split, so reordering or appending
+    to a manifest moves no example between splits."""
+    # surrogatepass: JSON escapes may decode to lone surrogates, which plain UTF-8 refuses.
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def canonical_json(data) -> str:
+    """One text per parsed value: re-serialising a line (key order, spacing, escapes) keeps it."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def audio_key(path: str) -> str:
+    """An audio path as written, normalised ("./a//b.wav" -> "a/b.wav"): manifests in one folder
+    that name one file agree. URLs stay as they are."""
+    return path if "://" in path else posixpath.normpath(path.strip())
+
+
+@dataclass(frozen=True)
+class Splitter:
+    """The split of a line that names none: "validation" for a share `eval_fraction` of lines,
+    picked by a hash of content, never of position.
+      by="audio": each audio path the line names (`audio_of`, normalised by `audio_key`) is
+        hashed on its own, and the line is held out when ANY of its clips is. A held-out clip is
+        therefore validation in every line, manifest and kind that names it, and never trained
+        (the same fraction, the same folder layout); a line naming a held-out clip and others
+        takes those others with it. A line naming no audio falls back to "line".
+      by="line": the parsed JSON, canonically serialised (`canonical_json`)."""
+    eval_fraction: float = 0.0
+    by: str = "line"
+    audio_of: Optional[Callable[[dict], list]] = None  # a converter class's `audio_refs`
+
+    def __post_init__(self):
+        if self.by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {self.by!r}")
+
+    def keys(self, data: dict) -> list:
+        """The texts whose hashes decide the line's split."""
+        if self.by == "audio" and self.audio_of is not None:
+            try:
+                paths = [audio_key(p) for p in self.audio_of(data)]
+            except Exception:  # a malformed line: it is skipped later, any split will do
+                paths = []
+            if paths:
+                return paths
+        return [canonical_json(data)]
+
+    def held_out(self, data: dict) -> bool:
+        return self.eval_fraction > 0 and any(
+            _hash_fraction(k) < self.eval_fraction for k in self.keys(data))
+
+    def split_of(self, data: dict) -> str:
+        return "validation" if self.held_out(data) else "train"
+
+
+def as_splitter(split: Union[Splitter, float]) -> Splitter:
+    return split if isinstance(split, Splitter) else Splitter(float(split))
 
 
 @dataclass
@@ -255,17 +314,18 @@ class Scan:
         return [s for s in SPLITS if self.candidates.get(s)]
 
 
-def scan_manifest(path: str, eval_fraction: float, chunk_lines: int = CHUNK_LINES,
+def scan_manifest(path: str, splitter: Union[Splitter, float], chunk_lines: int = CHUNK_LINES,
                   limits: Limits = Limits()) -> Scan:
     """One streaming pass: line count, parsed lines per split, byte-offset chunks for workers."""
     scan = Scan(limits=limits)
+    splitter = as_splitter(splitter)
     with _open(path) as f:
         start, first, n, stop = 0, 1, 0, 0
         for stop, raw in iter_lines(f, limits.max_line_bytes):
             scan.lines += 1
             n += 1
             with contextlib.suppress(Skip):
-                split, _ = parse_line(raw, eval_fraction, limits)
+                split, _ = parse_line(raw, splitter, limits)
                 scan.candidates[split] = scan.candidates.get(split, 0) + 1
             if n == chunk_lines:
                 scan.chunks.append(Chunk(start, stop, first, n))
@@ -296,16 +356,33 @@ def require_text(obj: dict, key: str, what: str, allow_empty: bool = False) -> s
     return value
 
 
+def check_keys(obj: dict, known: Sequence[str], where: str = "") -> None:
+    """A key outside `known` is a typo or a field no builder reads (`"splt": "validation"` would
+    otherwise train the line): Skip unknown_key, naming the close match when there is one."""
+    for key in obj:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(sorted(known))
+            raise Skip("unknown_key", f"unknown key {_short(key)}{where} ({hint})")
+
+
+def strings(*values) -> list:
+    """The non-blank strings among values, stripped (what the builders encode)."""
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+def paths(*values) -> list:
+    """The non-blank strings among values, as written (audio paths: what the builders open)."""
+    return [v for v in values if isinstance(v, str) and v.strip()]
+
+
 def resolve_codec(codec):
-    """None | a Codec | 'DIR' (load_codec) | 'spectral:DIR' -> Codec or None."""
+    """None | a Codec | a spec `load_codec` reads ('DIR', 'spectral:DIR') -> Codec or None."""
     if codec is None or not isinstance(codec, (str, os.PathLike)):
         return codec
-    from data_pipelines.codecs import SpectralCodec, load_codec
+    from data_pipelines.codecs import load_codec
 
-    spec = os.fspath(codec)
-    if spec.startswith("spectral:"):
-        return SpectralCodec.load(spec[len("spectral:"):])
-    return load_codec(spec)
+    return load_codec(codec)
 
 
 def resolve_tokenizer(tokenizer):
@@ -318,14 +395,36 @@ def resolve_tokenizer(tokenizer):
 
 
 class Converter:
-    """Manifest line (parsed JSON) -> records. Subclasses set `kind`, `default_task`, `needs_codec`
-    and implement `check` and `records`. Instances travel to Beam workers, so they hold only
-    picklable things (a codec given as a spec string is loaded lazily on each worker)."""
+    """Manifest line (parsed JSON) -> records. Subclasses set `kind`, `default_task`, `needs_codec`,
+    `keys` and implement `check`, `records`, `texts` and `audio_refs`. Instances travel to Beam
+    workers, so they hold only picklable things (a codec given as a spec string is loaded lazily
+    on each worker)."""
 
     kind = ""
     default_task = ""
     needs_codec = False
     config_name: Optional[str] = None  # TFDS builder config (captions: which tasks)
+    keys: tuple = ()  # the top-level keys this kind reads (COMMON_KEYS are accepted too)
+    names_audio = True  # lines name audio files: eval_fraction splits by audio by default
+
+    # What a line holds, without a converter (tokenizer / codec fitting, splits) ----------------
+    @classmethod
+    def known_keys(cls, data: dict) -> tuple:
+        """The keys a line may hold (a kind whose keys depend on the line overrides this)."""
+        return tuple(cls.keys) + COMMON_KEYS
+
+    @classmethod
+    def texts(cls, data: dict) -> list:
+        """The line's text that records encode (stripped, non-blank); never raises."""
+        return []
+
+    @classmethod
+    def audio_refs(cls, data: dict) -> list:
+        """The audio paths the line names, as written (strings only); never raises."""
+        return []
+
+    def check_keys(self, data: dict) -> None:
+        check_keys(data, self.known_keys(data))
 
     def __init__(self, *, manifest_dir: str, tokenizer, codec=None, n_mels: int = 128,
                  min_seconds: float = 0.1, max_seconds: float = 600.0, task: Optional[str] = None):
@@ -504,6 +603,7 @@ def _local_copy(path: str):
 def convert_line(converter: Converter, line: int, split: str, data: dict) -> tuple:
     """-> (examples [(key, example)], log entry). Never raises for a bad line."""
     try:
+        converter.check_keys(data)
         converter.check(data)
         written = converter.records(data)
     except Skip as s:
@@ -526,13 +626,13 @@ def _describe(e: BaseException) -> str:
 
 
 def chunk_outcomes(converter: Converter, manifest: str, chunk: Chunk, split: str,
-                   eval_fraction: float, log_unparsed: bool,
+                   splitter: Union[Splitter, float], log_unparsed: bool,
                    limits: Limits = Limits()) -> Iterator[tuple]:
     """(examples, log entry) for each line of `chunk` in `split`; lines that do not parse are
     logged only when `log_unparsed` (one split's pass owns them, so each is logged once)."""
     for line, raw in read_chunk(manifest, chunk, limits):
         try:
-            line_split, data = parse_line(raw, eval_fraction, limits)
+            line_split, data = parse_line(raw, splitter, limits)
         except Skip as s:
             if log_unparsed:
                 yield [], skipped_entry(line, None, s)
@@ -568,6 +668,8 @@ def summarize(kind: str, entries: Iterable[dict], lines: int, built_splits: Sequ
         "splits": {k: {"lines": v["lines"], "records": v["records"]} for k, v in stats.items()},
         "skipped_by_code": dict(sorted(by_code.items())),
         "skipped_lines": [{k: e[k] for k in ("line", "code", "reason")} for e in skipped],
+        # Which lines were held out, so another build (or a person) can check for leaks.
+        "validation_lines": [e["line"] for e in written if e["split"] == "validation"],
     }
     if len(written) + len(skipped) != lines:
         report["unaccounted_lines"] = lines - len(written) - len(skipped)
@@ -620,7 +722,7 @@ class BuildPlan:
     converter: Converter
     manifest: str
     scan: Scan
-    eval_fraction: float = 0.0
+    splitter: Splitter = field(default_factory=Splitter)
     beam_log_dir: Optional[str] = None  # set: generate with Beam
 
     @property
@@ -692,7 +794,7 @@ class ManifestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                   leave=False) as bar:
             for chunk in p.scan.chunks:
                 for examples, entry in chunk_outcomes(p.converter, p.manifest, chunk, split,
-                                                      p.eval_fraction, log_unparsed, p.limits):
+                                                      p.splitter, log_unparsed, p.limits):
                     self.log.append(entry)
                     bar.update(1)
                     yield from examples
@@ -706,7 +808,7 @@ def beam_split(plan: BuildPlan, split: str, log_unparsed: bool):
     class ConvertChunk(beam.DoFn):
         def process(self, chunk):
             for examples, entry in chunk_outcomes(plan.converter, plan.manifest, chunk, split,
-                                                  plan.eval_fraction, log_unparsed, plan.limits):
+                                                  plan.splitter, log_unparsed, plan.limits):
                 yield from examples
                 yield beam.pvalue.TaggedOutput("log", json.dumps(entry))
 

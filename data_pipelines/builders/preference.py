@@ -2,7 +2,10 @@
 
 Manifest: JSON lines
   {"prompt": "a dog barks twice", "chosen": "win.wav", "rejected": "lose.wav",
-   "ref_logp_chosen"?: -1234.5, "ref_logp_rejected"?: -1240.1, "split"?: "validation"}
+   "ref_logp_chosen"?: -1234.5, "ref_logp_rejected"?: -1240.1, "split"?: "validation",
+   "id"?: ..., "score_chosen"?: 0.9, "score_rejected"?: 0.2}
+(the id and scores are what `ualm dpo make-pairs` writes besides; they are not stored). Other keys
+are refused (unknown_key).
 The prompt is a caption; each side is a text-to-audio conversation (user: text-to-audio prompt +
 caption, assistant: codec codes of that side's audio), stored as a whole `to_record` under
 "chosen" and "rejected". The optional reference-policy log-probs (computed offline, so the frozen
@@ -17,8 +20,8 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines.builders.common import (Converter, ManifestBuilder, Skip, check_finite,
-                                            record_features, require_text)
+from data_pipelines.builders.common import (Converter, ManifestBuilder, Skip, check_finite, paths,
+                                            record_features, require_text, strings)
 from ualm_jax.format.records import from_record
 from ualm_jax.format.template import text_to_audio_segments
 
@@ -29,6 +32,16 @@ class PreferenceConverter(Converter):
     kind = "preference"
     default_task = "preference"
     needs_codec = True
+    keys = ("prompt", *SIDES, "ref_logp_chosen", "ref_logp_rejected",
+            "score_chosen", "score_rejected")
+
+    @classmethod
+    def texts(cls, data: dict) -> list:
+        return strings(data.get("prompt"))
+
+    @classmethod
+    def audio_refs(cls, data: dict) -> list:
+        return paths(*(data.get(side) for side in SIDES))
 
     def check(self, data: dict) -> None:
         require_text(data, "prompt", "prompt")

@@ -12,24 +12,65 @@ Manifest lines (audio paths relative to the manifest; "split"?: "validation" as 
                     "critique": "what to change", "audio_v2": "v2.wav"}
       user text -> assistant: rich caption <eot> audio v1 <eot> caption of v1 + critique <eot>
       audio v2 <eos>
+Each behaviour accepts its own keys plus "split" and "id"; any other key (e.g. "turns" on an
+enrichment line) is refused (unknown_key).
 Generated audio stays in context as codec codes. Every record's task is "reason_<behaviour>";
 the mixture renders reason tasks with their `<assistant> <modality>` continuation headers
 supervised, so the model learns to switch modality inside its own turn.
 """
 from __future__ import annotations
 
-from data_pipelines.builders.common import Converter, ManifestBuilder, Skip, require_text
+from data_pipelines.builders.common import (COMMON_KEYS, Converter, ManifestBuilder, Skip,
+                                            check_keys, paths, require_text, strings)
 from ualm_jax.format.records import REASON_TASK_PREFIX, is_reason_task  # noqa: F401 (re-exported)
 from ualm_jax.format.template import Segment
 
 BEHAVIOURS = ("enrichment", "dialogue", "self_reflection")
 TASK_PREFIX = REASON_TASK_PREFIX
+# The keys each behaviour reads: text keys, then audio keys.
+TEXT_KEYS = {"enrichment": ("prompt", "rich_caption"),
+             "dialogue": ("rich_caption",),
+             "self_reflection": ("prompt", "rich_caption", "caption_v1", "critique")}
+AUDIO_KEYS = {"enrichment": ("audio",), "dialogue": ("audio",),
+              "self_reflection": ("audio_v1", "audio_v2")}
+TURN_KEYS = ("role", "content")
+
+
+def _behaviours(data: dict) -> tuple:
+    """The line's behaviour, or every behaviour when it names none known."""
+    b = data.get("behaviour")
+    return (b,) if isinstance(b, str) and b in BEHAVIOURS else BEHAVIOURS
 
 
 class ReasonConverter(Converter):
     kind = "reason"
     default_task = "reason"
     needs_codec = True
+
+    @classmethod
+    def known_keys(cls, data: dict) -> tuple:
+        keys = ["behaviour"]
+        for b in _behaviours(data):
+            keys += [k for k in TEXT_KEYS[b] + AUDIO_KEYS[b] if k not in keys]
+        if "dialogue" in _behaviours(data):
+            keys.append("turns")
+        return tuple(keys) + COMMON_KEYS
+
+    @classmethod
+    def texts(cls, data: dict) -> list:
+        behaviours = _behaviours(data)
+        if len(behaviours) != 1:  # no known behaviour: the build skips the line
+            return []
+        b = behaviours[0]
+        turns = data.get("turns") if b == "dialogue" else None
+        said = [t.get("content") for t in turns if isinstance(t, dict)] \
+            if isinstance(turns, list) else []
+        return strings(*said, *(data.get(k) for k in TEXT_KEYS[b]))
+
+    @classmethod
+    def audio_refs(cls, data: dict) -> list:
+        keys = dict.fromkeys(k for b in _behaviours(data) for k in AUDIO_KEYS[b])
+        return paths(*(data.get(k) for k in keys))
 
     def check(self, data: dict) -> None:
         behaviour = data.get("behaviour")
@@ -49,6 +90,8 @@ class ReasonConverter(Converter):
             if not isinstance(turns, list) or not turns:
                 raise Skip("turns", "'turns' must be a non-empty list of {role, content}")
             for i, t in enumerate(turns):
+                if isinstance(t, dict):
+                    check_keys(t, TURN_KEYS, f" in turns[{i}]")
                 if not isinstance(t, dict) or t.get("role") not in ("user", "assistant"):
                     raise Skip("turns", f"turns[{i}].role must be user or assistant")
                 require_text(t, "content", f"turns[{i}].content")

@@ -1,12 +1,13 @@
 """Text-only conversations (reasoning / SFT) -> text records (task "text_sft").
 
 Manifest: JSON lines `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...],
-"split"?: "validation"}`. Every message needs non-empty text; assistant turns carry the loss.
+"split"?: "validation", "id"?: ...}` (other keys: unknown_key). Every message needs non-empty
+text; assistant turns carry the loss. Lines name no audio, so eval_fraction splits by line.
 Consecutive messages of one role are kept as they are (the template closes them with <eot>).
 """
 from __future__ import annotations
 
-from data_pipelines.builders.audio_qa import check_messages
+from data_pipelines.builders.audio_qa import check_messages, message_texts
 from data_pipelines.builders.common import Converter, ManifestBuilder
 from ualm_jax.format.template import Segment
 
@@ -14,6 +15,12 @@ from ualm_jax.format.template import Segment
 class TextSFTConverter(Converter):
     kind = "text-sft"
     default_task = "text_sft"
+    keys = ("messages",)
+    names_audio = False
+
+    @classmethod
+    def texts(cls, data: dict) -> list:
+        return message_texts(data)
 
     def check(self, data: dict) -> None:
         check_messages(data, allow_audio=False)

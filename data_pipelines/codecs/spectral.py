@@ -36,6 +36,10 @@ def spectral_frames(wave: np.ndarray, hop: int, n_fft: int, log_floor: float) ->
     return np.log(mag.T + log_floor).astype(np.float32)
 
 
+class NoReadableAudio(ValueError):
+    """None of the files a codec was to be fitted on could be read."""
+
+
 # k-means ------------------------------------------------------------------------------------------
 def _sq_distances(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return (np.sum(x * x, 1, keepdims=True) - 2.0 * x @ centers.T
@@ -126,6 +130,29 @@ class SpectralCodec(Codec):
             residual = residual - centers[nearest(residual, centers)]
             books.append(centers)
         return cls(np.stack(books), seed=seed, **config)
+
+    @classmethod
+    def fit_files(cls, paths: Sequence[str], K: int, C: int, seed: int = 0,
+                  max_frames: int = 50_000, **config) -> tuple:
+        """Fit on audio files (any libsndfile format, rate or channels) -> (codec, unreadable:
+        [(path, reason naming the file)]). Files that cannot be read are left out; none readable
+        is NoReadableAudio naming the first."""
+        from data_pipelines.features import load_audio
+
+        sr = int(config.get("sample_rate", DEFAULTS["sample_rate"]))
+        waves, unreadable = [], []
+        for path in paths:
+            if not os.path.isfile(path):
+                unreadable.append((path, f"audio file {path} not found"))
+                continue
+            try:
+                waves.append(load_audio(path, sr))
+            except ValueError as e:
+                unreadable.append((path, str(e)))
+        if not waves:
+            first = f" (first: {unreadable[0][1]})" if unreadable else ""
+            raise NoReadableAudio(f"none of {len(paths)} audio file(s) could be read{first}")
+        return cls.fit(waves, sr, K, C, seed=seed, max_frames=max_frames, **config), unreadable
 
     def config(self) -> dict:
         return {"codec": KIND, "sample_rate": self.sample_rate, "hop": self.hop, "n_fft": self.n_fft,

@@ -48,24 +48,14 @@ DATASETS = {
 }
 
 
-def _read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(x) for x in f if x.strip()]
-
-
 def world_texts(paths: dict) -> list:
     """The train-split text of a world (captions, rich captions, QA, problems, reason prompts)
-    plus the template's task prompts: what the tiny BPE is trained on."""
-    from ualm_jax.format.template import AUDIO_TO_CAPTION_PROMPT, TEXT_TO_AUDIO_PROMPT
+    plus the template's task prompts: what the tiny BPE is trained on (the same text
+    `ualm data tokenizer` takes from one's own manifests; held-out lines stay out of the merges)."""
+    from data_pipelines.builders.contents import manifest_texts
 
-    texts = [TEXT_TO_AUDIO_PROMPT.format(caption=""), AUDIO_TO_CAPTION_PROMPT]
-    for name in ("captions", "rich_captions", "audio_qa", "text_sft", "reason"):
-        for row in _read_jsonl(paths[name]):
-            if row.get("split") == "validation":
-                continue  # held-out text stays out of the merges
-            texts += [row[k] for k in ("caption", "prompt", "rich_caption") if k in row]
-            texts += [m["content"] for m in row.get("messages", [])]
-    return texts
+    return manifest_texts([paths[name] for name in
+                           ("captions", "rich_captions", "audio_qa", "text_sft", "reason")])
 
 
 def _train_waves(world_dir: str, world: dict) -> list:

@@ -163,7 +163,7 @@ def test_audio_qa(data):
     report = build("audio-qa", manifest, out, tokenizer=data["tokenizer"], n_mels=80)
     check_report(report, 5, {3: ("empty_text", ["empty answer"]),
                              4: ("audio_unreadable", ["corrupt.wav"]),
-                             5: ("missing_key", ["'messages'"])})
+                             5: ("unknown_key", ["'conversation'", "messages"])})
     src = open_source(out)
     assert len(src) == 2
     by_len = sorted((from_record(src[i], frames_of=encoder_frames_of_mel) for i in range(2)),

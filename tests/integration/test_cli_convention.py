@@ -75,6 +75,7 @@ def test_train_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
                  "train.batch_size=8", "train.seq_len=64"]) == 0
     out = capsys.readouterr().out
     assert "nothing written" in out and "matches the batch contract" in out and "GiB" in out
+    assert "warning: the audio encoder is randomly initialised and frozen" in out  # tiny freezes it
     assert list(tmp_path.iterdir()) == []
     assert main(["train", "model.preset=tiny"]) == 2  # no --run-dir: one line says what to give
     assert "needs --run-dir" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Launchers: every `--dry-run` prints the commands it would run; the SLURM script's env wiring
+"""Launchers: every `--dry-run` prints the commands it would run (launch/preflight.py's checks of
+a bad launch: test_launch_preflight.py); the SLURM script's env wiring
 runs against stand-in `scontrol`/`srun`; multi-host start-up decisions; and a real two-process
 `ualm train` on CPU (jax.distributed over localhost, gloo collectives) that checkpoints, resumes,
 and trains on exactly the configured global batches."""
@@ -18,13 +19,19 @@ from paths import REPO  # noqa: E402
 
 
 LAUNCH = REPO / "launch"
-JAX_PIN = next(line.split("==")[1] for line in (REPO / "requirements.lock").read_text().splitlines()
-               if line.startswith("jax=="))
+# Every launch is checked first (launch/preflight.py): configs/demo.yaml with these overrides fits
+# every slice below (synthetic data, a mesh that fills the devices, a batch every host count
+# here divides).
+FIT = ["data.source=synthetic", "mesh.ici.data=1", "mesh.ici.fsdp=-1", "mesh.ici.tensor=1",
+       "train.batch_size=192"]
+CONFIG = "configs/demo.yaml"
+ABS_CONFIG = str(REPO / CONFIG)  # for launches that run from another directory
+HOSTILE_KEY = "data.seqio.mixture"  # a string the synthetic runs never read: any value loads
 
 
-def dry(script: str, *args: str) -> str:
+def dry(script: str, *args: str, env=None) -> str:
     out = subprocess.run([sys.executable, str(LAUNCH / script), "--dry-run", *args],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -59,23 +66,23 @@ def test_dry_runs_import_nothing_heavy():
             "        runpy.run_path(argv[0], run_name='__main__')\n"
             "    except SystemExit as e:\n"
             "        assert not e.code, (argv, e.code)\n"
-            "heavy = [m for m in ('jax', 'numpy', 'yaml', 'ualm_jax') if m in sys.modules]\n"
+            # The config check imports ualm_jax.config (and yaml), never jax.
+            "heavy = [m for m in ('jax', 'numpy') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
-    common = ["--config", "c.yaml", "--run-dir", "r", "--dry-run"]
-    argvs = [[str(LAUNCH / "tpu_vm.py"), "--name", "n", "--zone", "z", *common],
-             # multi-host: a gs:// run dir (a local one is refused)
-             [str(LAUNCH / "xpk.py"), "--name", "n", "--image", "i", *common, "--run-dir", "gs://b/r"],
-             [str(LAUNCH / "slurm.py"), *common],
-             [str(LAUNCH / "local.py"), *common]]
+    common = ["--config", CONFIG, "--run-dir", "gs://b/r", "--dry-run"]
+    argvs = [[str(LAUNCH / "tpu_vm.py"), "--name", "n", "--zone", "z", *common, *FIT],
+             [str(LAUNCH / "xpk.py"), "--name", "n", "--image", "i", *common, *FIT],
+             [str(LAUNCH / "slurm.py"), *common, *FIT],
+             [str(LAUNCH / "local.py"), "--devices-per-process", "4", *common, *FIT]]
     out = subprocess.run([sys.executable, "-c", code.format(argvs=argvs)], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
 
 
 def test_tpu_vm_single_slice():
     out = dry("tpu_vm.py", "--name", "ualm-a", "--zone", "us-east5-a", "--config",
-              "configs/demo.yaml", "--run-dir", "gs://bkt/run", "train.steps=10")
-    cmds = [shlex.split(x) for x in out.splitlines()]
+              "configs/demo.yaml", "--run-dir", "gs://bkt/run", *FIT, "train.steps=10")
+    cmds = [shlex.split(x) for x in out.splitlines() if not x.startswith("#")]
     create = cmds[0]
     assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "ualm-a"]
     for flag in ("--zone=us-east5-a", "--accelerator-type=v5p-128", "--version=v2-alpha-tpuv5"):
@@ -87,20 +94,20 @@ def test_tpu_vm_single_slice():
     assert all("--worker=all" in c for c in scp + ssh)
     assert scp[0][6] == "ualm-a:ualm-jax.tar.gz" and all(c[5] == "ualm-a" for c in ssh)
     install = remote_command(ssh[0])
-    assert f"'jax[tpu]=={JAX_PIN}'" in install
-    assert "-r requirements.lock" in install and "pip install -q --no-deps -e ." in install
+    assert "-r requirements.lock -r requirements-tpu.txt" in install
+    assert "--no-deps -e ." in install
     assert "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html" in install
     run = remote_command(ssh[1])
     assert "UALM_DISTRIBUTED=1" in run
     assert train_argv(run)[1:] == [".venv/bin/ualm", "train", "--config", "configs/demo.yaml",
-                                   "--run-dir", "gs://bkt/run", "train.steps=10"]
+                                   "--run-dir", "gs://bkt/run", *FIT, "train.steps=10"]
     assert "mesh.dcn" not in out
 
 
 def test_tpu_vm_multislice_queued_resources():
     out = dry("tpu_vm.py", "--name", "ms", "--zone", "us-east5-a", "--num-slices", "2", "--spot",
               "--accelerator-type", "v5p-256", "--config", "configs/demo.yaml",
-              "--run-dir", "gs://bkt/run")
+              "--run-dir", "gs://bkt/run", *FIT)
     lines = out.splitlines()
     create = shlex.split(lines[0])
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "ms"]
@@ -115,14 +122,15 @@ def test_tpu_vm_multislice_queued_resources():
         assert train_argv(remote_command(r))[-1] == "mesh.dcn.data=2"
     # A mesh.dcn size given by the user wins.
     out = dry("tpu_vm.py", "--name", "ms", "--zone", "z", "--num-slices", "2", "--reuse",
-              "--skip-install", "--config", "c.yaml", "--run-dir", "r", "mesh.dcn.fsdp=2")
+              "--skip-install", "--config", CONFIG, "--run-dir", "gs://b/r", *FIT,
+              "mesh.dcn.fsdp=2")
     assert "mesh.dcn.data" not in out and "create" not in out and out.count("mesh.dcn.fsdp=2") == 2
 
 
 def test_xpk_jobset_manifest():
     path, body, cmds = file_and_commands(dry(
         "xpk.py", "--name", "ualm-js", "--image", "reg/ualm:1", "--num-slices", "2",
-        "--config", "configs/demo.yaml", "--run-dir", "gs://bkt/run", "train.steps=7"))
+        "--config", "configs/demo.yaml", "--run-dir", "gs://bkt/run", *FIT, "train.steps=7"))
     assert cmds == [["kubectl", "apply", "-f", path]]
     js = yaml.safe_load(body)
     assert js["kind"] == "JobSet" and js["metadata"]["name"] == "ualm-js"
@@ -144,11 +152,11 @@ def test_xpk_jobset_manifest():
     assert "JAX_PROCESS_ID=$$((SLICE_ID * 16 + JOB_COMPLETION_INDEX))" in script
     assert shlex.split(script.split("exec ", 1)[1]) == [
         "ualm", "train", "--config", "configs/demo.yaml", "--run-dir", "gs://bkt/run",
-        "train.steps=7", "mesh.dcn.data=2"]
+        *FIT, "train.steps=7", "mesh.dcn.data=2"]
     # One slice: no Megascale variables, no DCN axis.
     _, body, _ = file_and_commands(dry("xpk.py", "--name", "one", "--image", "i",
-                                       "--accelerator-type", "v5litepod-16", "--config", "c.yaml",
-                                       "--run-dir", "gs://b/r"))
+                                       "--accelerator-type", "v5litepod-16", "--config", CONFIG,
+                                       "--run-dir", "gs://b/r", *FIT))
     one = yaml.safe_load(body)["spec"]["replicatedJobs"][0]["template"]["spec"]
     (c,) = one["template"]["spec"]["containers"]
     assert not [e for e in c["env"] if e["name"].startswith("MEGASCALE")]
@@ -160,14 +168,15 @@ def test_xpk_jobset_manifest():
 def test_xpk_workload_create_command():
     (cmd,) = [shlex.split(x) for x in dry(
         "xpk.py", "--submit", "xpk", "--cluster", "tpu-c", "--name", "w", "--image", "reg/u:1",
-        "--num-slices", "2", "--config", "configs/demo.yaml", "--run-dir", "gs://b/r").splitlines()]
+        "--num-slices", "2", "--config", "configs/demo.yaml", "--run-dir", "gs://b/r",
+        *FIT).splitlines()]
     assert cmd[:3] == ["xpk", "workload", "create"]
     for flag in ("--cluster=tpu-c", "--workload=w", "--tpu-type=v5p-128", "--num-slices=2",
                  "--docker-image=reg/u:1"):
         assert flag in cmd
     assert shlex.split(remote_command(cmd)) == [
         "UALM_DISTRIBUTED=1", "ualm", "train", "--config", "configs/demo.yaml", "--run-dir",
-        "gs://b/r", "mesh.dcn.data=2"]
+        "gs://b/r", *FIT, "mesh.dcn.data=2"]
 
 
 @pytest.mark.parametrize("per", ["gpu", "node"])
@@ -187,7 +196,7 @@ def test_slurm_script_wiring(tmp_path, per):
     path, body, cmds = file_and_commands(dry(
         "slurm.py", "--nodes", "2", "--gpus-per-node", "2", "--per", per, "--partition", "a100",
         "--ualm", str(fake_ualm), "--out", str(tmp_path / "job.sbatch"),
-        "--config", "configs/demo.yaml", "--run-dir", "/shared/run", "train.steps=3"))
+        "--config", "configs/demo.yaml", "--run-dir", "/shared/run", *FIT, "train.steps=3"))
     assert cmds == [["sbatch", path]]
     tasks_per_node = 2 if per == "gpu" else 1
     for line in ("#SBATCH --nodes=2", f"#SBATCH --ntasks-per-node={tasks_per_node}",
@@ -205,14 +214,15 @@ def test_slurm_script_wiring(tmp_path, per):
     assert out.returncode == 0, out.stderr
     tasks = [x for x in out.stdout.splitlines() if x.startswith("task ")]
     n = 2 * tasks_per_node
-    args = "args: train --config configs/demo.yaml --run-dir /shared/run train.steps=3"
+    args = f"args: train --config configs/demo.yaml --run-dir /shared/run {' '.join(FIT)} " \
+           "train.steps=3"
     assert tasks == [f"task {i}/{n} gpu-node-7:8476 local="
                      f"{i % tasks_per_node if per == 'gpu' else 'all'} {args}" for i in range(n)]
 
 
 def test_local_dry_run():
     out = dry("local.py", "--num-processes", "3", "--devices-per-process", "2", "--port", "4321",
-              "--config", "c.yaml", "--run-dir", "r", "train.steps=2")
+              "--config", CONFIG, "--run-dir", "r", *FIT, "train.steps=2")
     cmds = [shlex.split(x) for x in out.splitlines()]
     assert len(cmds) == 3
     for i, c in enumerate(cmds):
@@ -222,8 +232,8 @@ def test_local_dry_run():
         assert env["JAX_NUM_PROCESSES"] == "3" and env["JAX_PROCESS_ID"] == str(i)
         assert env["JAX_PLATFORMS"] == "cpu"
         assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"].split()
-        assert c[m + 1:] == ["ualm_jax.cli", "train", "--config", "c.yaml", "--run-dir", "r",
-                             "train.steps=2"]
+        assert c[m + 1:] == ["ualm_jax.cli", "train", "--config", CONFIG, "--run-dir", "r",
+                             *FIT, "train.steps=2"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +244,7 @@ def test_local_dry_run():
 def refused(script: str, *args: str) -> str:
     """A dry run that must stop before printing anything; its one-line reason."""
     out = subprocess.run([sys.executable, str(LAUNCH / script), "--dry-run", *args],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode != 0 and not out.stdout, (out.returncode, out.stdout)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
@@ -296,8 +306,8 @@ def planted(root: Path) -> list[Path]:
 def test_xpk_gs_run_dir_needs_no_volume():
     run = "gs://b/run"
     for extra in ([], ["--num-slices", "2"], ["--service-account", "trainer"]):
-        text = dry("xpk.py", "--name", "g", "--image", "i", *extra, "--config", "c.yaml",
-                   "--run-dir", run)
+        text = dry("xpk.py", "--name", "g", "--image", "i", *extra, "--config", CONFIG,
+                   "--run-dir", run, *FIT)
         pod = manifest_pod(text)
         (c,) = pod["containers"]
         assert "volumes" not in pod and "volumeMounts" not in c  # nothing mounted for it
@@ -307,40 +317,40 @@ def test_xpk_gs_run_dir_needs_no_volume():
         assert argv[argv.index("--run-dir") + 1] == run
     (cmd,) = [shlex.split(x) for x in dry(
         "xpk.py", "--submit", "xpk", "--cluster", "c", "--name", "g", "--image", "i",
-        "--config", "c.yaml", "--run-dir", run).splitlines()]
+        "--config", CONFIG, "--run-dir", run, *FIT).splitlines()]
     argv = shlex.split(remote_command(cmd))
     assert argv[argv.index("--run-dir") + 1] == run
 
 
 def test_xpk_local_run_dir_needs_a_shared_volume():
-    base = ["--name", "l", "--image", "i", "--config", "c.yaml", "--run-dir", "/shared/run"]
+    base = ["--name", "l", "--image", "i", "--config", CONFIG, "--run-dir", "/shared/run"]
     for extra in ([], ["--submit", "xpk", "--cluster", "c"], ["--pvc", "runs:/other"]):
-        line = refused("xpk.py", *base, *extra)
+        line = refused("xpk.py", *base, *extra, *FIT)
         assert "--run-dir /shared/run" in line and "16 hosts" in line and "gs://" in line
-    assert "gs://" in refused("xpk.py", *base[:-1], "relative/run", "--pvc", "runs:/shared")
+    assert "gs://" in refused("xpk.py", *base[:-1], "relative/run", "--pvc", "runs:/shared", *FIT)
     assert "--pvc" in refused("xpk.py", *base, "--pvc", "no-path")
     assert "--submit kubectl" in refused("xpk.py", *base, "--pvc", "runs:/shared",
                                          "--submit", "xpk", "--cluster", "c")
     # An explicit shared volume over it: mounted in every pod.
-    pod = manifest_pod(dry("xpk.py", *base, "--pvc", "runs:/shared/"))
+    pod = manifest_pod(dry("xpk.py", *base, "--pvc", "runs:/shared/", *FIT))
     (c,) = pod["containers"]
     assert c["volumeMounts"] == [{"name": "run-volume-0", "mountPath": "/shared"}]
     assert pod["volumes"] == [{"name": "run-volume-0",
                                "persistentVolumeClaim": {"claimName": "runs"}}]
     # One host in all: nothing to share with, a local path is fine.
     pod = manifest_pod(dry("xpk.py", "--name", "s", "--image", "i", "--accelerator-type",
-                           "v5litepod-8", "--config", "c.yaml", "--run-dir", "runs/x"))
+                           "v5litepod-8", "--config", CONFIG, "--run-dir", "runs/x", *FIT))
     assert pod["containers"][0]["resources"]["limits"]["google.com/tpu"] == 8
     assert "volumes" not in pod
 
 
 def test_xpk_service_account_leaves_the_host_network():
-    pod = manifest_pod(dry("xpk.py", "--name", "n", "--image", "i", "--config", "c.yaml",
-                           "--run-dir", "gs://b/r"))
+    pod = manifest_pod(dry("xpk.py", "--name", "n", "--image", "i", "--config", CONFIG,
+                           "--run-dir", "gs://b/r", *FIT))
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert "serviceAccountName" not in pod
     pod = manifest_pod(dry("xpk.py", "--name", "n", "--image", "i", "--service-account",
-                           "ualm-trainer", "--config", "c.yaml", "--run-dir", "gs://b/r"))
+                           "ualm-trainer", "--config", CONFIG, "--run-dir", "gs://b/r", *FIT))
     assert pod["serviceAccountName"] == "ualm-trainer"
     assert pod["hostNetwork"] is False and "dnsPolicy" not in pod
 
@@ -351,12 +361,12 @@ def test_xpk_default_image_is_the_dockerfile_tag(launcher):
     (built,) = re.findall(r"^#\s+docker build -t (\S+) \.$", text, re.M)
     (pushed,) = re.findall(r"^#\s+docker push (\S+)$", text, re.M)
     assert built == pushed == xpk.default_image("PROJECT") == "gcr.io/PROJECT/ualm-jax:latest"
-    pod = manifest_pod(dry("xpk.py", "--name", "n", "--project", "PROJECT", "--config", "c.yaml",
-                           "--run-dir", "gs://b/r"))
+    pod = manifest_pod(dry("xpk.py", "--name", "n", "--project", "PROJECT", "--config", CONFIG,
+                           "--run-dir", "gs://b/r", *FIT))
     assert pod["containers"][0]["image"] == built
     (cmd,) = [shlex.split(x) for x in dry(
         "xpk.py", "--submit", "xpk", "--cluster", "c", "--project", "PROJECT", "--name", "n",
-        "--config", "c.yaml", "--run-dir", "gs://b/r").splitlines()]
+        "--config", CONFIG, "--run-dir", "gs://b/r", *FIT).splitlines()]
     assert f"--docker-image={built}" in cmd
     assert "--project" in refused("xpk.py", "--name", "n", "--config", "c.yaml",
                                   "--run-dir", "gs://b/r")
@@ -409,7 +419,7 @@ def test_dockerfile_builds_the_locked_project(launcher):
 def test_tpu_vm_gs_run_dir_reaches_every_worker():
     for extra in ([], ["--detach"], ["--git-url", "https://example.com/u.git"]):
         out = dry("tpu_vm.py", "--name", "g", "--zone", "z", "--num-slices", "3", *extra,
-                  "--config", "configs/demo.yaml", "--run-dir", "gs://b/run")
+                  "--config", "configs/demo.yaml", "--run-dir", "gs://b/run", *FIT)
         starts = [shlex.split(x) for x in out.splitlines() if "ualm train" in x]
         assert [c[5] for c in starts] == ["g-0", "g-1", "g-2"]
         for c in starts:
@@ -432,10 +442,10 @@ def test_tpu_vm_remote_commands_keep_hostile_values_literal(tmp_path, remote_dir
     bin_.mkdir()
     for name in ("python3", "tar"):
         argv_logger(bin_ / name, log)
-    run_dir, override = "gs://b/$(touch PWNED4); x", "a=b; touch PWNED5"
+    run_dir, override = "gs://b/$(touch PWNED4); x", f"{HOSTILE_KEY}=b; touch PWNED5"
     out = dry("tpu_vm.py", "--name", "h", "--zone", "z", "--remote-dir", remote_dir,
               "--python", "3.11; touch PWNED6", "--config", "configs/demo.yaml",
-              "--run-dir", run_dir, override)
+              "--run-dir", run_dir, *FIT, override)
     ssh = [shlex.split(x) for x in out.splitlines() if " ssh " in x]
     install, run = (remote_command(c) for c in ssh)
     env = {"HOME": str(home), "PATH": f"{bin_}{os.pathsep}/usr/bin{os.pathsep}/bin"}
@@ -454,12 +464,12 @@ def test_tpu_vm_remote_commands_keep_hostile_values_literal(tmp_path, remote_dir
     (train,) = [c for c in calls if c["argv"][0] == "ualm"]
     assert train["cwd"] == str(d) and train["dist"] == "1"
     assert train["argv"][1:] == ["train", "--config", "configs/demo.yaml", "--run-dir", run_dir,
-                                 override]
+                                 *FIT, override]
     # The detached form and the git path parse as shell too.
     for extra in (["--detach"], ["--git-url", "https://h/$(touch PWNED7).git",
                                  "--git-ref", "v1; touch PWNED8"]):
         out = dry("tpu_vm.py", "--name", "h", "--zone", "z", "--remote-dir", remote_dir, *extra,
-                  "--config", "c.yaml", "--run-dir", run_dir)
+                  "--config", CONFIG, "--run-dir", run_dir, *FIT)
         for c in (shlex.split(x) for x in out.splitlines() if " ssh " in x):
             res = subprocess.run(["bash", "-n", "-c", remote_command(c)], capture_output=True,
                                  text=True, timeout=30)
@@ -491,13 +501,14 @@ def test_slurm_script_keeps_hostile_values_literal(tmp_path):
     work = tmp_path / "w $(touch PWNED1); `touch PWNED2` *"
     work.mkdir()
     (tmp_path / "sub").mkdir()
-    run_dir, override = "/r $(touch PWNED3)'", "x=1; touch PWNED4"
+    run_dir, override = "/r $(touch PWNED3)'", f"{HOSTILE_KEY}=1; touch PWNED4"
     for workdir, cwd in ((str(work), work), ("${UALM_T_ROOT}/sub", tmp_path / "sub"),
                          ("$SLURM_SUBMIT_DIR", tmp_path)):
         path, body, _ = file_and_commands(dry(
             "slurm.py", "--nodes", "2", "--gpus-per-node", "1", "--workdir", workdir,
             "--ualm", str(ualm), "--out", str(tmp_path / "job.sbatch"),
-            "--config", "c.yaml", "--run-dir", run_dir, override))
+            "--config", ABS_CONFIG, "--run-dir", run_dir, *FIT, override,
+            env={**os.environ, "UALM_T_ROOT": str(tmp_path)}))
         Path(path).write_text(body)
         assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
         log.unlink(missing_ok=True)
@@ -508,7 +519,8 @@ def test_slurm_script_keeps_hostile_values_literal(tmp_path):
         assert [c["pid"] for c in calls] == ["0", "1"]
         for c in calls:
             assert c["cwd"] == str(cwd)
-            assert c["argv"][1:] == ["train", "--config", "c.yaml", "--run-dir", run_dir, override]
+            assert c["argv"][1:] == ["train", "--config", ABS_CONFIG, "--run-dir", run_dir,
+                                     *FIT, override]
     assert not planted(tmp_path)
 
 
@@ -518,9 +530,9 @@ def test_xpk_pod_script_keeps_hostile_values_literal(tmp_path):
     log = tmp_path / "log"
     ualm = argv_logger(tmp_path / "ualm", log)
     run_dir = "gs://b/$(touch PWNED1) `touch PWNED2`; $HOME $(JOBSET_NAME) $$"
-    override = "k=$(SLICE_ID) 'q"
+    override = f"{HOSTILE_KEY}=$(SLICE_ID) 'q"
     text = dry("xpk.py", "--name", "h", "--image", "reg/u:1 # not a comment", "--num-slices", "2",
-               "--ualm", str(ualm), "--config", "c.yaml", "--run-dir", run_dir, override)
+               "--ualm", str(ualm), "--config", CONFIG, "--run-dir", run_dir, *FIT, override)
     pod = manifest_pod(text)
     (c,) = pod["containers"]
     assert c["image"] == "reg/u:1 # not a comment"
@@ -537,7 +549,7 @@ def test_xpk_pod_script_keeps_hostile_values_literal(tmp_path):
     assert res.returncode == 0, res.stderr
     (call,) = logged(log)
     assert call["pid"] == "18"  # slice 1 * 16 hosts + pod 2
-    assert call["argv"][1:] == ["train", "--config", "c.yaml", "--run-dir", run_dir, override,
+    assert call["argv"][1:] == ["train", "--config", CONFIG, "--run-dir", run_dir, *FIT, override,
                                 "mesh.dcn.data=2"]
     assert not planted(tmp_path)
 
@@ -604,7 +616,7 @@ def test_tpu_vm_tarball_is_staged_privately(tmp_path, launcher, monkeypatch):
         monkeypatch.setattr(tpu_vm, "subprocess", types.SimpleNamespace(
             run=fake_run, Popen=FakePopen, CalledProcessError=subprocess.CalledProcessError))
         argv = ["--name", name, "--zone", "z", "--reuse", "--num-slices", "2",
-                "--config", "configs/demo.yaml", "--run-dir", "gs://b/r"]
+                "--config", "configs/demo.yaml", "--run-dir", "gs://b/r", *FIT]
         for fail in (False, True):
             seen.clear()
             if fail:

@@ -91,6 +91,9 @@ def test_readme_order_from_a_fresh_checkout(tmp_path, ualm):
     # A rerun finds the data ready and the run finished: it re-evaluates without training.
     r = ualm(clone, *demo)
     assert r.returncode == 0 and "demo finished" in r.stdout and "step 1/2" not in r.stdout
+    again = json.loads((run / "results.json").read_text())  # the rerun reports the same run
+    assert again["eval"] == results["eval"] and again["eval"] is not None
+    assert again["first_loss"] == results["first_loss"] and again["first_loss"] is not None
     # ualm train --config configs/demo.yaml from another directory: the mixture paths resolve
     # from the config file, the build's tokenizer and codec are recorded in the run.
     elsewhere = tmp_path / "elsewhere"
@@ -98,8 +101,11 @@ def test_readme_order_from_a_fresh_checkout(tmp_path, ualm):
     r = ualm(elsewhere, "train", "--config", clone / "configs" / "demo.yaml", "--run-dir", "run",
              "train.steps=2", "train.batch_size=8", *TOY)
     assert r.returncode == 0, r.stderr[-3000:]
-    run_cfg = (elsewhere / "run" / "config.yaml").read_text()
-    assert "tokenizer.json" in run_cfg and str(clone / "runs" / "demo" / "data") in run_cfg
+    from ualm_jax.config import load_config
+
+    run_cfg = load_config(elsewhere / "run" / "config.yaml")
+    assert run_cfg.data.tokenizer.endswith("tokenizer.json")
+    assert run_cfg.data.mixture[0]["path"].startswith(str(clone / "runs" / "demo" / "data"))
     r = ualm(clone, "mixture", "inspect", "--config", "configs/demo.yaml", "--batches", "2",
              "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["tasks"], r.stderr[-2000:]

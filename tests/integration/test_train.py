@@ -239,12 +239,39 @@ def test_run_dir_errors(tmp_path):
         train(cfg_with("train.steps=1"), blocker / "run")
     with pytest.raises(ConfigError, match=r"GiB free, but one checkpoint takes"):
         train(cfg_with("train.steps=1", "train.min_free_disk_factor=1e12"), tmp_path / "r")
+    # A failed start leaves no half-made run dir: the new folder is gone, an empty one stays empty.
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError):
+        train(cfg_with("train.steps=1", "train.min_free_disk_factor=1e12"), tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_random_frozen_encoder_is_named_at_start(tmp_path, capsys):
+    train(cfg_with("train.steps=1", "model.audio_encoder.frozen=true"), tmp_path / "a")
+    out = capsys.readouterr().out
+    assert "warning: the audio encoder is randomly initialised and frozen " \
+           "(model.audio_encoder.frozen=true, no train.init_from)" in out
+    # Only a frozen encoder that nothing loads is named (the rule, without training again).
+    from ualm_jax.train.freeze import random_frozen_encoder
+
+    assert random_frozen_encoder(cfg_with("model.audio_encoder.frozen=false")) is None
+    assert random_frozen_encoder(cfg_with("train.init_from=somewhere")) is None
+    assert random_frozen_encoder(cfg_with("model.audio_encoder.enabled=false")) is None
+    assert "train.stage=align" in random_frozen_encoder(
+        cfg_with("model.audio_encoder.frozen=false", "train.stage=align"))
+    assert "train.freeze glob" in random_frozen_encoder(
+        cfg_with("model.audio_encoder.frozen=false", "train.freeze=[audio_encoder/*]"))
 
 
 def test_resume_with_another_model_is_refused(tmp_path):
     train(cfg_with("train.steps=1"), tmp_path)
+    before = (tmp_path / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"holds checkpoints of another model: model.d_ff was 128, now 256"):
         train(cfg_with("train.steps=2", "model.d_ff=256"), tmp_path)
+    # The refused start wrote nothing: the run's records are as they were.
+    assert (tmp_path / "config.yaml").read_text() == before
+    assert not (tmp_path / "config_history").exists()
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):

@@ -17,8 +17,9 @@ def test_preset_and_overrides(tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (["model.preset=13b"], r"model.preset='13b' is unknown; known presets: tiny, 0.5b, 1.5b, 7b"),
     (["model.preset=tiny", "model.n_kv_heads=3"], r"model.n_heads=4 must be a multiple of model.n_kv_heads=3"),
-    (["model.preset=tiny", "model.bogus=1"], r"unknown key\(s\) 'bogus' in model; valid keys: .*d_model"),
-    (["trian.steps=1"], r"unknown key\(s\) 'trian' in config; valid keys: data, dpo, eval, mesh, model, optim, seed, train"),
+    (["model.preset=tiny", "model.bogus=1"], r"override 'model.bogus=1': unknown key 'model.bogus'; valid keys in model: .*d_model"),
+    (["trian.steps=1"], r"override 'trian.steps=1': unknown key 'trian' \(did you mean train\?\); valid keys in config: data, dpo, eval, mesh, model, optim, seed, train"),
+    (["optim.learning_rat=1e-4"], r"unknown key 'optim.learning_rat' \(did you mean optim.learning_rate\?\)"),
     (["model.preset=tiny", "model.n_layers=two"], r"model.n_layers='two' must be an integer"),
     (["model.preset=tiny", "model.remat=some"], r"model.remat='some' is not one of"),
     (["model.preset=tiny", "model.audio_encoder.n_heads=3"], r"model.audio_encoder.d_model=32 must be divisible"),
@@ -255,3 +256,44 @@ def test_one_key_for_a_dpo_run():
         load_config(None, ["train.objective=lm", "train.mode=dpo"] + common)
     with pytest.raises(ConfigError, match="train.mode=dpo reads preference pairs"):
         load_config(None, ["train.mode=dpo", "data.source=synthetic"] + common)
+
+
+def test_a_yaml_typo_names_its_file_and_the_closest_key(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  stpes: 3\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("base: base.yaml\noptim:\n  learning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key 'train.stpes' \(did you mean train.steps\?\)"):
+        load_config(top)
+    base.write_text("model:\n  audio_encoder:\n    n_mel: 16\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key 'model.audio_encoder.n_mel' "
+                                          r"\(did you mean model.audio_encoder.n_mels\?\)"):
+        load_config(top)
+    base.write_text("train:\n  objective: lm\n")  # the former name of train.mode still loads
+    assert load_config(top).train.mode == "lm"
+
+
+def test_config_yaml_in_a_folder_keeps_paths_relative_to_that_folder(tmp_path, monkeypatch):
+    """A run dir's config.yaml names local paths relative to itself (./ or ../), so it loads from
+    any directory and after the run dir moves together with its data; URLs stay; a builder's
+    `spectral:DIR` codec spec becomes the folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    cfg = load_config(None, ["data.tokenizer=data/tok.json", "data.codec=spectral:data/codec",
+                             "train.init_from=gs://b/init"])
+    assert cfg.data.codec == "data/codec"
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml(relative_to=run))
+    text = (run / "config.yaml").read_text()
+    assert "tokenizer: ../../data/tok.json" in text and "codec: ../../data/codec" in text
+    assert "init_from: gs://b/init" in text
+    moved = tmp_path / "elsewhere" / "project"
+    moved.mkdir(parents=True)
+    (tmp_path / "runs").rename(moved / "runs")
+    (tmp_path / "data").rename(moved / "data")
+    monkeypatch.chdir("/")
+    again = load_config(moved / "runs" / "r1" / "config.yaml")
+    assert again.data.tokenizer == str(moved / "data" / "tok.json")
+    assert again.data.codec == str(moved / "data" / "codec")
+    assert again.train.init_from == "gs://b/init"

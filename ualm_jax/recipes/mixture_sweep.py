@@ -172,9 +172,13 @@ def run_blend(cfg, blend: dict, out: Path, steps: int, evaluator: Callable[[], E
     ev = evaluator()
     held = ev(result["state"]["params"])
     # The tokens the run saw: the same deterministic stream, replayed on the host.
-    seen = realised_shares(make_config_iterator(c, "train", 0, 1), steps, ev.names)
+    it = make_config_iterator(c, "train", 0, 1)
+    available = {r["name"]: r.get("tokens_available") for r in it.report}
+    seen = realised_shares(it, steps, ev.names)
+    epochs = {n: (seen["tokens"].get(n, 0) / available[n] if available.get(n) else None)
+              for n in ev.names}
     row = {"name": blend["name"], "shares": blend["shares"], "steps": steps,
-           "realised_shares": seen["shares"], "tokens": seen["tokens"],
+           "realised_shares": seen["shares"], "tokens": seen["tokens"], "epochs": epochs,
            "packing_efficiency": seen["packing_efficiency"], "held_out": held,
            "run_dir": str(run_dir)}
     _write_json(done, row)
@@ -338,7 +342,32 @@ def fit_report(rows: list[dict], names: Sequence[str], kind: str, objective: str
                            "error": 2.0 * f.objective_loo_rmse,
                            "note": "a prediction of the fit (within the sampled range), not a "
                                    "measured result; error = 2 x leave-one-out RMSE"},
-            "measured_objective": {r["name"]: _objective(r, f.weights) for r in rows}}
+            "measured_objective": {r["name"]: _objective(r, f.weights) for r in rows},
+            "warnings": fit_warnings(rows, names, f)}
+
+
+MAX_PROXY_EPOCHS = 4.0  # past this a proxy run memorises its task: its loss says little of a blend
+
+
+def fit_warnings(rows: list[dict], names: Sequence[str], f) -> list[str]:
+    """Why the prediction may mislead: fits with no spare blends (as many parameters as points
+    make R^2 = 1 whatever the data), a power law whose loss rises with the task's own share, and
+    tasks repeated for many epochs in the proxy runs."""
+    out = []
+    for t, tf in f.fits.items():
+        used, params = int(tf.used.sum()), len(tf.coef)
+        if used <= params + 1:
+            out.append(f"{t}: fitted from {used} blends with {params} parameters (R^2 "
+                       f"{tf.r2:.3f} means little): sample more blends (--samples)")
+        if tf.kind == "loglinear" and tf.coef[1] > 0:
+            out.append(f"{t}: held-out loss RISES with its own share (exponent "
+                       f"{tf.coef[1]:+.3f}): noise or overfitting, not a law of data amount")
+    for t in names:
+        most = max(((r.get("epochs") or {}).get(t) or 0.0) for r in rows)
+        if most > MAX_PROXY_EPOCHS:
+            out.append(f"{t}: up to {most:.1f} epochs over its data in the proxy runs (more than "
+                       f"{MAX_PROXY_EPOCHS:g}): shorten --steps or add data")
+    return out
 
 
 def _objective(row: dict, weights: dict) -> Optional[float]:
@@ -384,6 +413,8 @@ def format_sweep(result: dict) -> str:
     for t, why in fit.get("not_fitted", {}).items():
         lines.append(f"  {t:<12} no fit, left out of the objective: {why}")
     lines.append(f"objective {fit['objective']}: leave-one-out RMSE {fit['objective_loo_rmse']:.4f}")
+    for w in fit.get("warnings", []):
+        lines.append(f"WARNING {w}")
     lines.append("PREDICTED best blend (a prediction, not a result): " + ", ".join(
         f"{n} {v:.3f}" for n, v in p["shares"].items())
         + f" -> objective {p['objective']:.4f} +- {p['error']:.4f}")

@@ -97,8 +97,10 @@ def adopt_build_artefacts(cfg) -> list[str]:
         given = [(where, a[key]) for where, a in found if a[key]]
         if not given:
             continue
-        # Tokenizers are copies inside each build: compare contents, not paths.
-        ident = (lambda p: storage.sha256(p)) if key == "tokenizer" else (lambda p: p)
+        # Tokenizers and small codecs are copies inside each build: compare contents, not paths.
+        from data_pipelines.codecs import codec_identity
+
+        ident = storage.sha256 if key == "tokenizer" else codec_identity
         first_where, first = given[0]
         for where, value in given[1:]:
             if ident(value) != ident(first):
@@ -107,6 +109,29 @@ def adopt_build_artefacts(cfg) -> list[str]:
         setattr(d, key, first)
         notes.append(f"data.{key}={first} (from the build of {first_where})")
     return notes
+
+
+def reads_encoder_audio(cfg) -> bool:
+    """Whether the run's data feeds clips to the audio encoder (a build of captioning, audio QA
+    or reasoning records; the synthetic stream's captioning task). Remote builds count as yes."""
+    from data_pipelines.build import build_settings
+    from data_pipelines.mixture import parse_mixture
+
+    d = cfg.data
+    if d.source == "synthetic":
+        return d.task_weights.get("caption", 0) > 0
+    if d.source == "preference":
+        return False
+    if not d.mixture:
+        return True  # a user's SeqIO mixture: unknown, assume it does
+    for e in parse_mixture(d.mixture):
+        if storage.is_url(e.path):
+            return True
+        s = build_settings(e.path)
+        if not s or s.get("kind") in ("audio-qa", "reason") or (
+                s.get("kind") == "captions" and s.get("task") != "t2a"):
+            return True
+    return False
 
 
 def task_names(cfg) -> tuple[str, ...]:

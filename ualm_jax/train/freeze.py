@@ -84,3 +84,25 @@ def count_trainable(spec, params) -> int:
         elif s:
             total += int(np.prod(x.shape))
     return total
+
+
+def random_frozen_encoder(cfg) -> str | None:
+    """Why training with this config leaves a randomly initialised audio encoder untrained (it is
+    frozen, by `model.audio_encoder.frozen`, `train.stage=align` or a `train.freeze` glob, and no
+    `train.init_from` loads one), or None. Such a run's audio understanding reads noise."""
+    enc = cfg.model.audio_encoder
+    if not enc.enabled or cfg.train.init_from:
+        return None
+    if enc.frozen:
+        why = "model.audio_encoder.frozen=true"
+    elif cfg.train.stage == "align":
+        why = "train.stage=align"
+    elif any(fnmatch.fnmatchcase("audio_encoder/x", g) or g.startswith("audio_encoder")
+             for g in cfg.train.freeze):
+        why = "a train.freeze glob"
+    else:
+        return None
+    return (f"the audio encoder is randomly initialised and frozen ({why}, no train.init_from): "
+            "it will not learn, so audio input stays noise to the model. Load one with "
+            "`ualm import-hf HF_DIR --whisper WHISPER_DIR --out INIT` and train.init_from=INIT, "
+            "or train it with model.audio_encoder.frozen=false")

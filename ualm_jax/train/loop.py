@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 import ualm_jax.sigterm as sigterm
+import ualm_jax.storage as storage
 from ualm_jax.checkpoint import Checkpointer, load_params
 from ualm_jax.config import Config
 from ualm_jax.format.batch import host_batch_spec
@@ -73,26 +74,43 @@ def _scalars(metrics: dict, names) -> dict:
 
 
 def train(cfg: Config, run_dir: str | Path, max_steps_this_run: int | None = None,
-          hooks: Sequence[Callable] = ()) -> dict:
+          hooks: Sequence[Callable] = (), reset_data_state: bool = False) -> dict:
     """Trains to cfg.train.steps (resuming from the run dir's latest checkpoint). Returns a
     summary. `max_steps_this_run` stops early as if preempted (used by tests). `hooks`: callables
     (params, step) -> dict of extra eval metrics, run after every held-out eval (`ualm train`
-    passes eval/hooks.py's). The run dir is probed, then leased to this job for the whole run
-    (train/lease.py)."""
+    passes eval/hooks.py's). `reset_data_state`: resume parameters and optimiser but start the
+    data stream afresh (e.g. after changing the global batch). The run dir is probed, then
+    leased to this job for the whole run (train/lease.py). Nothing is written into it before the
+    set-up succeeded (config, data, checkpoint restore); a new run dir whose start fails before
+    the first step is removed again."""
     if sigterm.requested():  # terminated during imports: nothing to set up, nothing to save
         return _nothing_trained(run_dir, None)
+    remote = storage.is_url(run_dir)
+    fresh = None if remote else rundir.is_new(run_dir)
     path = rundir.prepare(run_dir, cfg.train.probe_timeout_s)
-    with lease.hold(path):
-        return _train(cfg, path, max_steps_this_run, list(hooks))
+    if remote:  # listed only once the probe has shown the bucket answers
+        fresh = rundir.is_new(path)
+    progress = {"stepped": False}
+    try:
+        with lease.hold(path):
+            return _train(cfg, path, max_steps_this_run, list(hooks), reset_data_state, progress)
+    except BaseException:
+        if fresh and not progress["stepped"] and jax.process_index() == 0:
+            rundir.remove_failed_start(path, fresh)
+        raise
 
 
-def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> dict:
+def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list,
+           reset_data_state: bool, progress: dict) -> dict:
     t = cfg.train
     rundir.check_same_model(path, cfg)
     is_main = jax.process_index() == 0
     for note in data_lib.adopt_build_artefacts(cfg):
         if is_main:
             print(note, flush=True)
+    warning = freeze.random_frozen_encoder(cfg)
+    if warning and is_main and data_lib.reads_encoder_audio(cfg):
+        print(f"warning: {warning}", flush=True)
 
     # Model, optimiser, shardings, batch spec and the jitted steps: one setup (train/setup.py).
     names = data_lib.task_names(cfg)
@@ -102,15 +120,20 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
     rundir.check_free_disk(path, rundir.state_bytes(setup.abstract_state), t.min_free_disk_factor)
     # State: resume from the latest complete checkpoint, else initialise.
     ckpt = Checkpointer(path / "checkpoints", t.keep_last, t.keep_every, t.async_checkpoint)
-    if is_main:
-        rows = param_table(info["params"], info["logical"], shardings["params"])
-        rundir.write_start_files(path, cfg, rows, freeze.count_trainable(spec, info["params"]),
-                                 ckpt.latest_step() or 0)
     train_iter = data_lib.make_train_iterator(cfg)
     if ckpt.latest_step() is not None:
         state, data_state, start = ckpt.restore(setup.abstract_state)
-        if data_state is not None:
-            train_iter.set_state(data_lib.local_data_state(data_state))
+        if reset_data_state:
+            print(f"resumed parameters and optimiser from step {start}; the data stream starts "
+                  "afresh (--reset-data-state)", flush=True)
+        elif data_state is not None:
+            try:
+                train_iter.set_state(data_lib.local_data_state(data_state))
+            except ValueError as e:
+                raise ValueError(f"{e}. Ways out: rerun with --reset-data-state (keep parameters "
+                                 "and optimiser, restart the data stream), go back to the run's "
+                                 f"settings (config.yaml in {path}), or start a new run dir with "
+                                 "train.init_from pointing at this one") from e
         print(f"resumed from step {start} ({ckpt.directory})", flush=True)
     elif t.init_from:
         rundir.check_same_model(t.init_from, cfg, f"train.init_from={t.init_from}")
@@ -119,6 +142,10 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
         print(f"initialised parameters from {t.init_from}", flush=True)
     else:
         state, start = create_state(setup.model, tx, shardings, jax.random.key(cfg.seed)), 0
+    if is_main:  # only now: a refused start leaves the run dir's records as they were
+        rows = param_table(info["params"], info["logical"], shardings["params"])
+        rundir.write_start_files(path, cfg, rows, freeze.count_trainable(spec, info["params"]),
+                                 start)
 
     step_fn, eval_fn = setup.step_fn, setup.eval_fn
     peak = peak_flops_per_device()
@@ -146,6 +173,8 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
         rec = _scalars(metrics, names)
         if first_loss is None:
             first_loss = rec
+            if s == 1 and is_main:  # the run's first step, kept for summaries of later resumes
+                rundir.write_first_step(path, rec)
         skipped += rec["skipped"]
         if rec["skipped"] and t.nan_policy == "stop":
             raise NonFiniteLoss(f"non-finite loss, gradient or update at step {s} "
@@ -188,6 +217,7 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
                     print(f"compiled in {time.perf_counter() - compile_started:.1f} s; training",
                           flush=True)
                 step += 1
+                progress["stepped"] = True
                 trace.after(step, state)
                 if pending is not None:
                     flush(pending)
@@ -220,6 +250,9 @@ def _train(cfg: Config, path, max_steps_this_run: int | None, hooks: list) -> di
         return _nothing_trained(path, state, step)
     if preempted:
         print(f"preempted: saved step {step}, exiting cleanly", flush=True)
+    if start > 0:  # a resume: the run's first step and, when none ran now, its last eval
+        first_loss = rundir.read_first_step(path) or first_loss
+        last_eval = last_eval or rundir.last_logged_eval(path)
     return {"step": step, "preempted": preempted or stopped_early, "skipped_steps": skipped,
             "state": state, "run_dir": str(path), "eval": last_eval, "first_loss": first_loss,
             "last_logged": last_logged}

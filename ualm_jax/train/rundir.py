@@ -20,6 +20,37 @@ def prepare(run_dir, timeout: float = 60.0):
         raise ConfigError(str(e)) from e
 
 
+def is_new(run_dir) -> str | None:
+    """"absent" for a run dir that does not exist yet, "empty" for an empty one, None otherwise
+    (what `remove_failed_start` may undo). Object storage has no folders: a prefix with no
+    objects is "absent"."""
+    p = storage.as_path(run_dir)
+    try:
+        if not p.exists():
+            return "absent"
+        return "empty" if p.is_dir() and not any(p.iterdir()) else None
+    except OSError:  # unreachable: prepare() reports it
+        return None
+
+
+def remove_failed_start(path, fresh: str) -> None:
+    """Undoes a start that failed before its first step in a run dir that was new (`is_new`):
+    what it wrote goes, and the folder too when this start created it, so no half-made run dir
+    looks like a run."""
+    import shutil
+
+    p = storage.as_path(path)
+    try:
+        if storage.is_url(p) or fresh == "absent":
+            if p.exists():
+                shutil.rmtree(p) if not storage.is_url(p) else p.rmtree()
+            return
+        for child in p.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    except OSError as e:  # the original error matters more; say what is left
+        print(f"note: could not remove the failed start's files in {p}: {e}", flush=True)
+
+
 def check_free_disk(path, checkpoint_bytes: int, factor: float) -> None:
     """Local disks only: object storage has no free-space figure to check."""
     free = storage.free_bytes(path)
@@ -56,6 +87,34 @@ def _get(d, dotted):
     return d
 
 
+FIRST_STEP_FILE = "first_step.json"  # the metrics of the run's step 1 (summaries after resumes)
+
+
+def write_first_step(path, record: dict) -> None:
+    (storage.as_path(path) / FIRST_STEP_FILE).write_text(json.dumps(record) + "\n")
+
+
+def read_first_step(path) -> dict | None:
+    f = storage.as_path(path) / FIRST_STEP_FILE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def last_logged_eval(path) -> dict | None:
+    """The last held-out eval record of metrics.jsonl (what a finished run reports again)."""
+    f = storage.as_path(path) / "metrics.jsonl"
+    if not f.exists():
+        return None
+    last = None
+    for line in f.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: the others still count
+            continue
+        if isinstance(rec, dict) and "eval/loss" in rec:
+            last = rec
+    return last
+
+
 HISTORY_DIR = "config_history"  # one file per config change: step_<N>.yaml (the config from step N)
 PROVENANCE_FILE = "provenance.jsonl"  # one line per start of the run
 
@@ -77,7 +136,7 @@ def record_config(path, cfg, step: int) -> dict:
     are printed and the new config is also kept as config_history/step_<step>.yaml (the first
     config goes there as step_0.yaml), so every value a run used is on record with the step it
     took effect. Returns the changes."""
-    new_text = cfg.to_yaml()
+    new_text = cfg.to_yaml(relative_to=path)  # portable: paths relative to the run dir
     old_file = path / "config.yaml"
     changes = {}
     if old_file.exists() and step > 0:
