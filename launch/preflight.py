@@ -11,9 +11,9 @@ Importing this module is cheap (stdlib only); the config code is imported when a
 """
 from __future__ import annotations
 
-import math
 import os
 import posixpath
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -22,11 +22,6 @@ from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-MESH_AXES = ("data", "fsdp", "tensor")
-# Cloud TPU accelerator-type family -> (TensorCores per chip counted in the name, chip grid
-# dims). v4/v5p are megacore: the name counts 2 TensorCores per chip, and each chip is one JAX
-# device; v5e (v5litepod) and v6e count chips.
-TPU_FAMILIES = {"v4": (2, 3), "v5p": (2, 3), "v5litepod": (1, 2), "v6e": (1, 2)}
 
 
 class PreflightError(Exception):
@@ -53,20 +48,21 @@ def refusals(prog: str) -> Iterator[None]:
 
 
 def tpu_slice(accelerator: str) -> dict:
-    """`v5p-128` -> chips, hosts, chips per host and grid dims of one slice."""
-    family, _, size = accelerator.rpartition("-")
-    if family not in TPU_FAMILIES or not size.isdigit() or int(size) < 1:
-        raise PreflightError(f"--accelerator-type {accelerator} is unknown; known families: "
-                             f"{', '.join(TPU_FAMILIES)} (e.g. v5p-128, v5litepod-16, v6e-32)")
-    cores_per_chip, dims = TPU_FAMILIES[family]
-    if int(size) % cores_per_chip:
-        raise PreflightError(f"--accelerator-type {accelerator}: {family}-N counts TensorCores "
-                             f"({cores_per_chip} per chip), so N must be even")
-    chips = int(size) // cores_per_chip
-    # Multi-host slices have 4 chips per VM; 2D single-host machines hold up to 8.
-    per_host = chips if (dims == 2 and chips <= 8) else min(4, chips)
-    return {"chips": chips, "hosts": max(1, chips // per_host), "chips_per_host": per_host,
-            "dims": dims}
+    """`v5p-128` -> chips, hosts, chips per host and chip grid of one slice (the one table of
+    TPU slices: ualm_jax/topology.py)."""
+    _config_module()
+    from ualm_jax.config import ConfigError
+    from ualm_jax.topology import parse_topology
+
+    if not re.fullmatch(r"[a-z0-9]+-\d+", accelerator.strip().lower()):
+        raise PreflightError(f"--accelerator-type {accelerator}: expected a Cloud TPU name such "
+                             "as v5p-128, v5litepod-16 or v6e-32")
+    try:
+        t = parse_topology(accelerator)
+    except ConfigError as e:
+        raise PreflightError(str(e).replace("--topology", "--accelerator-type")) from None
+    return {"chips": t.chips, "hosts": t.hosts, "chips_per_host": t.chips_per_host,
+            "grid": t.grid, "generation": t.generation}
 
 
 def everywhere(path: str) -> Optional[str]:
@@ -176,32 +172,15 @@ def load(config: str, overrides: list[str], target: Target):
     raise PreflightError(err if str(config) in err else f"--config {config}: {err}")
 
 
-def _short(name: str) -> str:
-    """mesh.ici.data -> data, mesh.dcn.data -> dcn.data (as the messages write sizes)."""
-    return name[len("mesh.ici."):] if name.startswith("mesh.ici.") else name[len("mesh."):]
-
-
 def check_mesh(target: Target, mesh) -> None:
-    """The rule of ualm_jax/sharding.py resolve_axis_sizes (kept free of jax here): the six
-    sizes (mesh.ici and mesh.dcn) multiply to the device count; at most one is -1, which takes
-    what the others leave."""
-    names = [f"mesh.ici.{a}" for a in MESH_AXES] + [f"mesh.dcn.{a}" for a in MESH_AXES]
-    sizes = [getattr(mesh.ici, a) for a in MESH_AXES] + [getattr(mesh.dcn, a) for a in MESH_AXES]
-    for n, s in zip(names, sizes):
-        if s == 0 or s < -1:
-            raise PreflightError(f"{n}={s}: expected a positive size or -1 (auto)")
-    auto = [n for n, s in zip(names, sizes) if s == -1]
-    if len(auto) > 1:
-        raise PreflightError(f"only one mesh size may be -1, got {', '.join(auto)}")
-    known = math.prod(s for s in sizes if s != -1)
-    # ICI sizes always shown, DCN ones when they are not 1.
-    shown = " x ".join(f"{_short(n)}={s}" for n, s in zip(names, sizes)
-                       if s != -1 and (n.startswith("mesh.ici.") or s != 1))
-    if auto and target.devices % known:
-        raise PreflightError(f"mesh {_short(auto[0])}=-1 cannot be filled: {shown} = {known} "
-                             f"does not divide the {target.devices} devices of {target.name}")
-    if not auto and known != target.devices:
-        raise PreflightError(f"mesh {shown} = {known} devices but {target.has}")
+    """The mesh rule of `ualm train` (MeshConfig.axis_sizes): mesh.ici x mesh.dcn sizes multiply
+    to the job's device count; at most one is -1, which takes what the others leave."""
+    from ualm_jax.config import ConfigError
+
+    try:
+        mesh.axis_sizes(target.devices, target.has)
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_batch(target: Target, batch_size: int) -> None:

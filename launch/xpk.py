@@ -62,13 +62,9 @@ REPO = Path(__file__).resolve().parent.parent
 PROG = "launch/xpk.py"
 TEMPLATE = Path(__file__).resolve().parent / "xpk_jobset.yaml.tmpl"
 IMAGE_ROOT = "/app"  # the Dockerfile's WORKDIR: the repo inside the image
-# accelerator-type family -> GKE accelerator label (chips and hosts: preflight.tpu_slice)
+# TPU generation -> GKE accelerator label (chips, hosts, grid: preflight.tpu_slice)
 GKE_LABELS = {"v4": "tpu-v4-podslice", "v5p": "tpu-v5p-slice",
-              "v5litepod": "tpu-v5-lite-podslice", "v6e": "tpu-v6e-slice"}
-TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-               256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
-TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-               256: "16x16"}
+              "v5e": "tpu-v5-lite-podslice", "v6e": "tpu-v6e-slice"}
 MEGASCALE_PORT = 8080
 EPILOG = ("Data must be on a bucket (gs://), on a --pvc volume or baked into the image. The "
           "config, mesh, batch size, run dir and data paths are checked before any kubectl or "
@@ -160,11 +156,8 @@ def slice_shape(accelerator: str, topology: str | None) -> dict:
     """v5p-128 -> GKE label, topology 4x4x4, 64 chips, 16 hosts of 4 chips."""
     s = preflight.tpu_slice(accelerator)
     chips = s["chips"]
-    topology = topology or (TOPOLOGY_3D if s["dims"] == 3 else TOPOLOGY_2D).get(chips)
-    if topology is None:
-        raise preflight.PreflightError(f"no default topology for {accelerator} ({chips} chips); "
-                                       "pass --topology")
-    return {"gke_accelerator": GKE_LABELS[accelerator.rpartition("-")[0]], "topology": topology,
+    topology = topology or "x".join(map(str, s["grid"]))
+    return {"gke_accelerator": GKE_LABELS[s["generation"]], "topology": topology,
             "chips": chips, "chips_per_host": s["chips_per_host"], "hosts_per_slice": s["hosts"]}
 
 

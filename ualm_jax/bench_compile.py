@@ -21,28 +21,17 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 
 from ualm_jax.config import ConfigError
+from ualm_jax.topology import GiB, Topology, parse_topology  # noqa: F401 - re-exported
 from ualm_jax.model.flops import step_flops
 from ualm_jax.train import freeze
 
-GiB = 1024 ** 3
-
-# generation -> (chip grid dims, TensorCores per chip counted by the Cloud TPU name, HBM per chip,
-#                libtpu chip config). v4/v5p are megacore: one JAX device per chip.
-_GENERATIONS = {
-    "v4": dict(ndim=3, cores_in_name=2, hbm=32 * GiB, chip_config="megacore"),
-    "v5p": dict(ndim=3, cores_in_name=2, hbm=95 * GiB, chip_config="megacore"),
-    "v5e": dict(ndim=2, cores_in_name=1, hbm=16 * GiB, chip_config="default"),
-    "v6e": dict(ndim=2, cores_in_name=1, hbm=32 * GiB, chip_config="default"),
-}
-_ALIASES = {"v5": "v5p", "v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 LIBTPU_PIN = "libtpu==0.0.42.*"  # what jax[tpu]==0.10.2 requires
 INSTALL_HINT = ("pip install -r requirements.lock -r requirements-tpu.txt (no TPU is needed "
                 "to compile)")
@@ -52,85 +41,13 @@ class TpuCompileUnavailable(RuntimeError):
     """libtpu (the TPU compiler) is not importable, so no TPU topology can be built."""
 
 
-@dataclass
-class Topology:
-    name: str                       # as given
-    platform: str                   # "tpu" | "cpu"
-    chips: int
-    generation: str | None = None   # v4 | v5p | v5e | v6e
-    grid: tuple[int, ...] = ()      # chip grid, e.g. (4, 4, 4)
-    hbm_bytes: int | None = None
-    libtpu_kwargs: dict = field(default_factory=dict)
-
-    @property
-    def libtpu_name(self) -> str:
-        return f"{self.generation}:{'x'.join(map(str, self.grid))}"
-
-
-def _default_grid(chips: int, ndim: int) -> tuple[int, ...]:
-    """Cloud TPU's default slice shapes: 2D 1x1, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16; 3D 2x2x1,
-    2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... (double the last of the smallest dimensions)."""
-    dims = [1] * ndim
-    if ndim == 3:
-        dims = [2, 2, 1]
-        if chips < 4:
-            raise ConfigError(f"a 3D TPU slice has at least 4 chips, got {chips}")
-    while math.prod(dims) < chips:
-        low = min(dims)
-        i = max(j for j, d in enumerate(dims) if d == low)
-        dims[i] *= 2
-    if math.prod(dims) != chips:
-        raise ConfigError(f"{chips} chips is not a power of two: give the chip grid explicitly, "
-                          f"e.g. v5p:4x4x12")
-    return tuple(dims)
-
-
-def parse_topology(text: str) -> Topology:
-    """`cpu:N`, `v5p-128` (Cloud TPU accelerator name) or `v5p:4x4x4` (chip grid)."""
-    t = text.strip().lower()
-    known = ", ".join(sorted(_GENERATIONS))
-    m = re.fullmatch(r"cpu:(\d+)", t)
-    if m:
-        n = int(m.group(1))
-        if n < 1:
-            raise ConfigError(f"--topology {text!r}: cpu:N needs N >= 1")
-        return Topology(text, "cpu", n)
-    m = re.fullmatch(r"([a-z0-9]+)(?:-(\d+)|:(\d+(?:x\d+)*))", t)
-    gen = _ALIASES.get(m.group(1), m.group(1)) if m else None
-    if gen not in _GENERATIONS:
-        raise ConfigError(f"--topology {text!r} is unknown: use cpu:N, a Cloud TPU name such as "
-                          f"v5p-128 / v5e-8, or a chip grid such as v5p:4x4x4 "
-                          f"(generations: {known})")
-    spec = _GENERATIONS[gen]
-    if m.group(2):
-        cores = int(m.group(2))
-        if cores % spec["cores_in_name"] or cores == 0:
-            raise ConfigError(f"--topology {text!r}: {gen}-N counts TensorCores "
-                              f"({spec['cores_in_name']} per chip), so N must be a positive "
-                              f"multiple of {spec['cores_in_name']}")
-        grid = _default_grid(cores // spec["cores_in_name"], spec["ndim"])
-    else:
-        grid = tuple(int(x) for x in m.group(3).split("x"))
-        if len(grid) != spec["ndim"] or min(grid) < 1:
-            raise ConfigError(f"--topology {text!r}: {gen} chip grids have {spec['ndim']} positive "
-                              f"dimensions, e.g. {'v5p:4x4x4' if spec['ndim'] == 3 else 'v5e:2x4'}")
-    # Full 3D tori (every side >= 4) wrap around; smaller slices and 2D grids are open meshes
-    # except 16-long 2D sides. Affects collective routing, not memory.
-    wrap = (tuple(min(grid) >= 4 for _ in grid) if spec["ndim"] == 3
-            else tuple(d >= 16 for d in grid) + (False,))
-    host = (min(grid[0], 2), min(grid[1], 2), 1)  # 4-chip hosts; a 1- or 2-chip slice has one
-    kwargs = dict(chip_config_name=spec["chip_config"], chips_per_host_bounds=host,
-                  num_slices=1, wrap=wrap)
-    return Topology(text, "tpu", math.prod(grid), gen, grid, spec["hbm"], kwargs)
-
-
 def _tpu_env(topo: Topology) -> None:
     """libtpu's start-up looks for a Cloud TPU VM (metadata server, worker list); tell it this is
     a lone compile-only host so it neither queries the network nor prints warnings."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_WORKER_ID", "0")
-    cores = topo.chips * _GENERATIONS[topo.generation]["cores_in_name"]
+    cores = topo.chips * topo.cores_in_name
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topo.generation}-{cores}")
     from jax._src import xla_bridge
 

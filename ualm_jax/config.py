@@ -189,11 +189,40 @@ def _default_rules() -> dict[str, Any]:
     }
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
 @dataclass
 class MeshConfig:
     ici: AxisSizes = field(default_factory=lambda: AxisSizes(data=1, fsdp=-1, tensor=1))
     dcn: AxisSizes = field(default_factory=AxisSizes)
     rules: dict = field(default_factory=_default_rules)
+
+    def axis_sizes(self, num_devices: int, present: str = "") -> tuple[tuple, tuple]:
+        """(ici, dcn) sizes over `num_devices` with the one -1 filled in. The one mesh rule
+        (sharding.make_mesh and the launchers' preflight): the six sizes multiply to the device
+        count. Errors name the value; `present` says where the devices are ("v5p-8 has 4 chips
+        (4 devices)"; default: "N devices are present")."""
+        names = [f"mesh.ici.{a}" for a in MESH_AXES] + [f"mesh.dcn.{a}" for a in MESH_AXES]
+        sizes = [getattr(self.ici, a) for a in MESH_AXES] + [getattr(self.dcn, a) for a in MESH_AXES]
+        for n, s in zip(names, sizes):
+            if s == 0 or s < -1:
+                raise ConfigError(f"{n}={s} must be a positive size or -1 (auto)")
+        auto = [i for i, s in enumerate(sizes) if s == -1]
+        if len(auto) > 1:
+            raise ConfigError(f"only one mesh size may be -1, got "
+                              f"{', '.join(names[i] for i in auto)}")
+        known = math.prod(s for s in sizes if s != -1)
+        present = present or f"{num_devices} devices are present"
+        if auto:
+            if num_devices % known:
+                raise ConfigError(f"{names[auto[0]]}=-1 cannot be filled: the other mesh sizes "
+                                  f"multiply to {known}, which does not divide the {num_devices} devices: {present}")
+            sizes[auto[0]] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            desc = ", ".join(f"{n}={s}" for n, s in zip(names, sizes) if s != 1) or "all 1"
+            raise ConfigError(f"mesh sizes ({desc}) multiply to {math.prod(sizes)} but {present}")
+        return tuple(sizes[:3]), tuple(sizes[3:])
 
 
 @dataclass

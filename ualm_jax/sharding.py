@@ -16,34 +16,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ualm_jax.config import AxisSizes, ConfigError, MeshConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from ualm_jax.config import MESH_AXES, AxisSizes, ConfigError, MeshConfig
 
 
 def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Returns (ici, dcn) sizes with the one -1 filled in; errors name the offending value."""
-    ici = [getattr(cfg.ici, a) for a in MESH_AXES]
-    dcn = [getattr(cfg.dcn, a) for a in MESH_AXES]
-    names = [f"mesh.ici.{a}" for a in MESH_AXES] + [f"mesh.dcn.{a}" for a in MESH_AXES]
-    sizes = ici + dcn
-    auto = [i for i, s in enumerate(sizes) if s == -1]
-    for n, s in zip(names, sizes):
-        if s == 0 or s < -1:
-            raise ConfigError(f"{n}={s} must be a positive size or -1 (auto)")
-    if len(auto) > 1:
-        raise ConfigError(f"only one mesh size may be -1, got {', '.join(names[i] for i in auto)}")
-    known = math.prod(s for s in sizes if s != -1)
-    if auto:
-        if num_devices % known:
-            raise ConfigError(f"{names[auto[0]]}=-1 cannot be filled: the other mesh sizes multiply "
-                              f"to {known}, which does not divide the {num_devices} devices")
-        sizes[auto[0]] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        desc = ", ".join(f"{n}={s}" for n, s in zip(names, sizes) if s != 1) or "all 1"
-        raise ConfigError(f"mesh sizes ({desc}) multiply to {math.prod(sizes)} but "
-                          f"{num_devices} devices are present" + cpu_devices_hint(math.prod(sizes), num_devices))
-    return tuple(sizes[:3]), tuple(sizes[3:])
+    """Returns (ici, dcn) sizes with the one -1 filled in (MeshConfig.axis_sizes); on this host's
+    own CPU devices a mismatch also says how to get more."""
+    try:
+        return cfg.axis_sizes(num_devices)
+    except ConfigError as e:
+        hint = "" if "-1" in str(e) else cpu_devices_hint(
+            math.prod(abs(getattr(s, a)) for s in (cfg.ici, cfg.dcn) for a in MESH_AXES), num_devices)
+        if not hint:
+            raise
+        raise ConfigError(str(e) + hint) from None
 
 
 def cpu_devices_hint(wanted: int, present: int) -> str:

@@ -154,7 +154,7 @@ def test_a_mesh_the_slice_cannot_hold_is_refused(small):
     base = [*TPU, "--config", CONFIG, "--run-dir", "gs://b/r", "--dry-run"]
     # v5p-8 counts TensorCores: 4 chips, one JAX device each.
     assert refused("tpu_vm.py", *base, *FIT, *mesh8) == \
-        "mesh data=8 x fsdp=1 x tensor=1 = 8 devices but v5p-8 has 4 chips (4 devices)"
+        "mesh sizes (mesh.ici.data=8) multiply to 8 but v5p-8 has 4 chips (4 devices)"
     assert "v5p-8 has 4 chips (4 devices)" in refused(
         "xpk.py", *XPK, "--config", CONFIG, "--run-dir", "gs://b/r", "--dry-run", *FIT, *mesh8)
     # v5e and v6e names count chips: 8 devices.
@@ -164,15 +164,15 @@ def test_a_mesh_the_slice_cannot_hold_is_refused(small):
         "tpu_vm.py", *base, "--accelerator-type", "v4-32", *FIT, *mesh8)
     # The one -1 size takes what is left, if the rest divides the devices.
     line = refused("tpu_vm.py", *base, *FIT, "mesh.ici.data=3")
-    assert line == "mesh fsdp=-1 cannot be filled: data=3 x tensor=1 = 3 does not divide the " \
-                   "4 devices of v5p-8"
+    assert line == "mesh.ici.fsdp=-1 cannot be filled: the other mesh sizes multiply to 3, " \
+                   "which does not divide the 4 devices: v5p-8 has 4 chips (4 devices)"
     assert "mesh.ici.fsdp, mesh.ici.tensor" in refused("tpu_vm.py", *base, *FIT,
                                                        "mesh.ici.tensor=-1")
     assert "mesh.ici.data=0" in refused("tpu_vm.py", *base, *FIT, "mesh.ici.data=0")
     # Several slices: the launcher's mesh.dcn.data=N counts; the devices of all slices too.
     dry("tpu_vm.py", *base, "--num-slices", "2", *FIT)
     assert refused("tpu_vm.py", *base, "--num-slices", "2", *FIT, *mesh8) == (
-        "mesh data=8 x fsdp=1 x tensor=1 x dcn.data=2 = 16 devices but 2 slices of v5p-8 have "
+        "mesh sizes (mesh.ici.data=8, mesh.dcn.data=2) multiply to 16 but 2 slices of v5p-8 have "
         "8 chips (8 devices)")
     # GPUs and local CPU processes.
     assert "1 node x 8 GPUs give 8 devices" in refused(

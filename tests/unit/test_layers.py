@@ -11,7 +11,7 @@ from paths import REPO
 # decides a module's layer.
 LAYERS = [
     ("base", ["ualm_jax", "ualm_jax.storage", "ualm_jax.sigterm", "ualm_jax.cli_args"]),
-    ("config", ["ualm_jax.config", "ualm_jax.model.presets"]),
+    ("config", ["ualm_jax.config", "ualm_jax.model.presets", "ualm_jax.topology"]),
     ("format", ["ualm_jax.format"]),
     ("model", ["ualm_jax.model", "ualm_jax.sharding", "ualm_jax.distributed"]),
     ("data", ["data_pipelines", "ualm_jax.train.synthetic"]),
