@@ -32,8 +32,12 @@ demo: venv
 	$(CPU8) $(VENV)/bin/ualm demo --run-dir runs/demo
 
 # pytest exits 5 when no test was collected (e.g. a -k that matches nothing): not a failure.
+# WORKERS=2 runs test files on both cores (pytest-xdist, a file per worker at a time, so module
+# fixtures are built once); WORKERS=0 runs them one after another in this process.
+WORKERS ?= 2
+XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 test: venv
-	$(CPU8) $(VENV)/bin/python -m pytest tests --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(CPU8) $(VENV)/bin/python -m pytest tests $(XDIST) --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The unit tests only (tests/unit/, about 2 minutes on 2 cores); `make test` runs everything.

@@ -24,7 +24,7 @@ Kinds: "captions" (t2a + caption records; `task` = both | t2a | caption), "audio
                           `build_artefacts(OUT)` gives both as paths that resolve where OUT is.
 Splits: "train", and "validation" when lines say `"split": "validation"` or `eval_fraction` > 0.
 A line without a "split" is held out by a hash of its content, never of its position (reordering
-a manifest moves nothing), per `split_by` (builders.common.Splitter):
+a manifest moves nothing), per `split_by` (builders.manifest.Splitter):
   "audio" (default for kinds whose lines name audio: captions, audio-qa, preference, reason):
           each audio path as written (normalised, relative to the manifest's folder) is hashed,
           and a line is held out when ANY of its clips is: a held-out clip is validation in every
@@ -72,43 +72,15 @@ import socket
 import tempfile
 from typing import Optional, Sequence, Union
 
-import numpy as np
+import ualm_jax.storage as storage
+from data_pipelines.sources import CODEC_DIR, REPORT_FILE, STATS_FILE, TOKENIZER_FILE, read_report
 
 FORMATS = ("array_record", "tfrecord")
-REPORT_FILE = "build_report.json"
-STATS_FILE = "stats.json"
-TOKENIZER_FILE = "tokenizer.json"  # the build's copy of its tokenizer
-CODEC_DIR = "codec"  # the build's copy of a small codec (a SpectralCodec)
 INCOMPLETE_FILE = "_INCOMPLETE"  # in a build's temporary folder until it is complete
 
 
 class BuildError(ValueError):
     """The build could not start (a usage error): missing manifest, tokenizer, codec, bad option."""
-
-
-def _exists(path: str) -> bool:
-    if "://" in path:
-        from etils import epath
-
-        return epath.Path(path).exists()
-    return os.path.exists(path)
-
-
-def _remove(path: str) -> None:
-    if "://" in path:
-        from etils import epath
-
-        p = epath.Path(path)
-        if p.exists():
-            p.rmtree() if p.is_dir() else p.unlink()
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
 
 
 # Transactions ------------------------------------------------------------------------------------
@@ -198,7 +170,7 @@ def make_converter(kind: str, manifest: str, *, codec=None, tokenizer=None, n_me
                    min_seconds: float = 0.1, max_seconds: float = 600.0, task: Optional[str] = None):
     """The per-line converter of `kind` (raises BuildError on usage errors)."""
     from data_pipelines.builders import BUILDERS
-    from data_pipelines.builders.common import resolve_codec, resolve_tokenizer
+    from data_pipelines.builders.converter import resolve_codec, resolve_tokenizer
 
     if kind not in BUILDERS:
         raise BuildError(f"unknown kind {kind!r}: one of {', '.join(BUILDERS)}")
@@ -209,8 +181,7 @@ def make_converter(kind: str, manifest: str, *, codec=None, tokenizer=None, n_me
         codec = resolve_codec(codec)
     except (OSError, ValueError) as e:
         raise BuildError(str(e)) from e
-    manifest_dir = os.path.dirname(manifest) if "://" in manifest else \
-        os.path.dirname(os.path.abspath(manifest))
+    manifest_dir = storage.dirname(manifest if storage.is_url(manifest) else os.path.abspath(manifest))
     try:
         return BUILDERS[kind].converter_cls(
             manifest_dir=manifest_dir, tokenizer=tokenizer, codec=codec, n_mels=n_mels,
@@ -232,7 +203,7 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     was.
 
     max_line_bytes / max_json_depth: per-line limits (default MAX_LINE_BYTES, MAX_JSON_DEPTH of
-    data_pipelines.builders.common); a line over one is skipped (line_too_long, too_deep).
+    data_pipelines.builders.manifest); a line over one is skipped (line_too_long, too_deep).
 
     codec: a Codec, a codec folder (`load_codec`) or "spectral:DIR"; tokenizer: a TextTokenizer or
     a tokenizer.json path; task: captions -> both | t2a | caption, other kinds -> the task name
@@ -240,11 +211,12 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
     eval_fraction hashes, "audio" or "line" (default: "audio" where the kind's lines name audio).
     """
     from data_pipelines.builders import BUILDERS
-    from data_pipelines.builders.common import (LOG_DIR, MAX_JSON_DEPTH, MAX_LINE_BYTES, SPLIT_BY,
-                                                Limits, Splitter, scan_manifest)
+    from data_pipelines.builders.manifest import (Limits, MAX_JSON_DEPTH, MAX_LINE_BYTES, SPLIT_BY,
+                                                  Splitter, scan_manifest)
+    from data_pipelines.builders.report import LOG_DIR
 
     manifest, out_dir = os.fspath(manifest), os.fspath(out_dir)
-    if not _exists(manifest) or os.path.isdir(manifest):
+    if not storage.exists(manifest) or os.path.isdir(manifest):
         raise BuildError(f"manifest not found: {manifest}")
     if file_format not in FORMATS:
         raise BuildError(f"file_format must be one of {FORMATS}, got {file_format!r}")
@@ -270,10 +242,10 @@ def build(kind: str, manifest: str, out_dir: str, *, codec=None, tokenizer=None,
         raise BuildError(f"manifest is empty: {manifest} (no lines, nothing to build)")
     origin = _origin(tokenizer, codec)
     entries = [cls.name, REPORT_FILE, STATS_FILE, LOG_DIR, TOKENIZER_FILE]
-    if "://" in out_dir:  # no folder renames on object stores: replace in place
+    if storage.is_url(out_dir):  # no folder renames on object stores: replace in place
         origin["codec_plan"] = _codec_plan(converter.codec, origin["codec"], None)
         for stale in entries + [CODEC_DIR]:
-            _remove(_join(out_dir, stale))
+            storage.remove(storage.join(out_dir, stale))
         return _write_build(kind, cls, converter, manifest, scan, out_dir, file_format=file_format,
                             splitter=splitter, beam_options=beam_options,
                             beam_runner=beam_runner, origin=origin)
@@ -313,7 +285,7 @@ def _origin(tokenizer, codec) -> dict:
     # A codec object may say where it was saved (`source`: a folder load_codec reads).
     spec = codec if isinstance(codec, (str, os.PathLike)) else getattr(codec, "source", None)
     spec = None if spec is None else codec_dir(spec)
-    if spec and "://" not in spec:
+    if spec and not storage.is_url(spec):
         spec = os.path.abspath(spec)
     return {"tokenizer": tok, "codec": spec}
 
@@ -326,7 +298,7 @@ def _codec_plan(codec, source: Optional[str], target: Optional[str]) -> tuple:
       ("none", None): no codec, or one that says nowhere where it lives."""
     from data_pipelines.codecs import SpectralCodec, codec_kind
 
-    local = source is not None and "://" not in source
+    local = source is not None and not storage.is_url(source)
     if local and target is not None:
         real = os.path.realpath(source)
         if real.startswith(os.path.join(target, "")):
@@ -349,16 +321,14 @@ def _holds_codec_copy(out_dir: str) -> bool:
 def _save_codec_copy(codec, out_dir: str) -> str:
     """Save a SpectralCodec into out_dir/codec (a local folder, or a bucket through a local
     temporary folder); -> the path recorded in the report (relative to out_dir)."""
-    from data_pipelines.builders.common import _open
-
-    if "://" not in out_dir:
+    if not storage.is_url(out_dir):
         codec.save(os.path.join(out_dir, CODEC_DIR))
         return CODEC_DIR
     with tempfile.TemporaryDirectory() as local:
         codec.save(local)
         for name in sorted(os.listdir(local)):
             with open(os.path.join(local, name), "rb") as f, \
-                    _open(_join(out_dir, CODEC_DIR, name), "wb") as g:
+                    storage.open_file(storage.join(out_dir, CODEC_DIR, name), "wb") as g:
                 g.write(f.read())
     return CODEC_DIR
 
@@ -368,11 +338,12 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
     """Write the dataset, stats and report of one build into out_dir (the report last)."""
     import tensorflow_datasets as tfds
 
-    from data_pipelines.builders.common import (LOG_DIR, BuildPlan, _open, chunk_outcomes,
-                                                read_beam_logs, summarize, write_json)
+    from data_pipelines.builders.report import LOG_DIR, chunk_outcomes, read_beam_logs, summarize
+
+    from data_pipelines.builders.tfds_builder import BuildPlan
 
     use_beam = beam_options is not None or beam_runner is not None
-    log_dir = _join(out_dir, LOG_DIR)
+    log_dir = storage.join(out_dir, LOG_DIR)
     plan = BuildPlan(converter, manifest, scan, splitter, log_dir if use_beam else None)
     dataset_dir, built = None, []
     if scan.splits:
@@ -384,7 +355,7 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
                     try_download_gcs=False, beam_runner=beam_runner,
                     beam_options=_beam_options(beam_options)))
         entries = read_beam_logs(log_dir) if use_beam else builder.log
-        dataset_dir = os.path.relpath(str(builder.data_dir), out_dir) if "://" not in out_dir \
+        dataset_dir = os.path.relpath(str(builder.data_dir), out_dir) if not storage.is_url(out_dir) \
             else str(builder.data_dir)[len(out_dir.rstrip("/")) + 1:]
         built = list(builder.info.splits.keys())
     else:  # no line parsed: no dataset, but every line still gets its entry
@@ -397,8 +368,8 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
     # folder) and names a neural codec where it lies, so a run trained on it can generate with
     # no --tokenizer / --codec, and a moved build still finds both.
     tokenizer_copy = None
-    if origin["tokenizer"] and "://" not in origin["tokenizer"]:
-        with open(origin["tokenizer"], "rb") as f, _open(_join(out_dir, TOKENIZER_FILE), "wb") as g:
+    if origin["tokenizer"] and not storage.is_url(origin["tokenizer"]):
+        with open(origin["tokenizer"], "rb") as f, storage.open_file(storage.join(out_dir, TOKENIZER_FILE), "wb") as g:
             g.write(f.read())
         tokenizer_copy = TOKENIZER_FILE
     how, what = origin.get("codec_plan") or ("none", None)
@@ -409,230 +380,6 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
                    "eval_fraction": splitter.eval_fraction, "split_by": splitter.by,
                    "limits": {"max_line_bytes": scan.limits.max_line_bytes,
                               "max_json_depth": scan.limits.max_json_depth}})
-    write_json(_join(out_dir, STATS_FILE), stats)
-    write_json(_join(out_dir, REPORT_FILE), report)
+    storage.write_json(storage.join(out_dir, STATS_FILE), stats)
+    storage.write_json(storage.join(out_dir, REPORT_FILE), report)
     return report
-
-
-# Reading back -------------------------------------------------------------------------------------
-def _dataset_dir(out_dir: str) -> str:
-    report = read_report(out_dir)
-    if report is None:
-        raise FileNotFoundError(f"no {REPORT_FILE} in {out_dir}: not a build output folder (build "
-                                f"it first: `ualm data build KIND --manifest M --out {out_dir}`; the "
-                                "demo's datasets are built by `make demo`)")
-    rel = report.get("dataset_dir")
-    if rel is None:
-        raise ValueError(f"the build in {out_dir} wrote no records (see {REPORT_FILE})")
-    return _join(os.fspath(out_dir), rel)
-
-
-def read_report(out_dir: str) -> dict | None:
-    """A build folder's build_report.json, or None when it has none."""
-    import json
-
-    from data_pipelines.builders.common import _open
-
-    path = _join(os.fspath(out_dir), REPORT_FILE)
-    if not _exists(path):
-        return None
-    with _open(path, "r") as f:
-        return json.load(f)
-
-
-def build_artefacts(out_dir: str) -> dict:
-    """{"tokenizer": path of the build's tokenizer copy or None, "codec": the folder of the codec
-    it was built with or None} of a build folder, as paths that resolve where the folder now is
-    (copies inside it are joined to it; a neural codec's absolute path or URL is kept). Older
-    reports' "spectral:DIR" reads as DIR."""
-    from data_pipelines.codecs import codec_dir
-
-    out_dir = os.fspath(out_dir)
-    base = out_dir if "://" in out_dir else os.path.abspath(out_dir)
-    report = read_report(out_dir) or {}
-
-    def inside(rel):
-        if not rel:
-            return None
-        rel = codec_dir(rel)
-        return rel if "://" in rel or os.path.isabs(rel) else _join(base, rel)
-
-    return {"tokenizer": inside(report.get("tokenizer")), "codec": inside(report.get("codec"))}
-
-
-def build_settings(out_dir: str) -> dict:
-    """The builder settings a build recorded (its report's `settings`: kind, task, n_mels,
-    text_vocab_size, num_codebooks, codebook_size, ...); {} for a build without them."""
-    return (read_report(out_dir) or {}).get("settings") or {}
-
-
-def check_build_matches_model(out_dir: str, model_cfg, where: str) -> None:
-    """Refuses (naming both values) a build whose features the model cannot read: mel bins of
-    encoder-input audio, codec K / C of audio codes, a tokenizer larger than the text vocab."""
-    s = build_settings(out_dir)
-    if not s:
-        return
-    enc = model_cfg.audio_encoder
-    has_mel = s.get("kind") in ("audio-qa", "reason") or (
-        s.get("kind") == "captions" and s.get("task") != "t2a")
-    if has_mel and enc.enabled and s.get("n_mels") not in (None, enc.n_mels):
-        raise ValueError(f"{where} ({out_dir}) was built with --n-mels {s['n_mels']} but "
-                         f"model.audio_encoder.n_mels={enc.n_mels}: rebuild it with "
-                         f"--n-mels {enc.n_mels} or set model.audio_encoder.n_mels={s['n_mels']}")
-    k, c = int(s.get("num_codebooks") or 0), int(s.get("codebook_size") or 0)
-    if k and (k, c) != (model_cfg.num_codebooks, model_cfg.codebook_size):
-        raise ValueError(f"{where} ({out_dir}) holds codes of a codec with {k} codebooks of {c} "
-                         f"but the model has model.num_codebooks={model_cfg.num_codebooks}, "
-                         f"model.codebook_size={model_cfg.codebook_size}")
-    vocab = s.get("text_vocab_size")
-    if vocab and int(vocab) > model_cfg.text_vocab_size:
-        raise ValueError(f"{where} ({out_dir}) was tokenised with a {vocab}-entry tokenizer but "
-                         f"model.text_vocab_size={model_cfg.text_vocab_size}")
-
-
-def _decode_text(rec):
-    """tfds gives Text features as bytes: `task` (at any depth) back to str."""
-    if isinstance(rec, dict):
-        return {k: _decode_text(v) for k, v in rec.items()}
-    return rec.decode("utf-8") if isinstance(rec, bytes) else rec
-
-
-_INT_FIELDS = ("roles", "modalities", "kinds", "lengths", "text")
-_RECORD_FIELDS = frozenset(("task", "codes", "mel") + _INT_FIELDS)
-
-
-class CorruptRecordError(ValueError):
-    """A stored record that cannot be read back (a truncated or damaged shard)."""
-
-
-_DECODE_ERRORS: tuple = ()
-
-
-def _decode_errors() -> tuple:
-    """What reading a damaged record raises: ArrayRecord's RuntimeError, protobuf's DecodeError,
-    and the IndexError / KeyError / ValueError of decoding an empty or partial example."""
-    global _DECODE_ERRORS
-    if not _DECODE_ERRORS:
-        from google.protobuf.message import DecodeError
-
-        _DECODE_ERRORS = (IndexError, KeyError, ValueError, TypeError, RuntimeError, DecodeError)
-    return _DECODE_ERRORS
-
-
-class RecordSource:
-    """Random access over built records (len, [i]), each a numpy dict with `task` as str.
-    Grain can read it directly (`grain.MapDataset.source(src)`). A record that cannot be decoded
-    (e.g. a truncated shard, which reads back as empty records) raises CorruptRecordError naming
-    the shard file.
-
-    Records of the flat schema (records.to_record) are decoded straight from their protobuf
-    (~5 us) instead of through TFDS's generic feature decoder (~85 us, a third of a short
-    example's whole pipeline cost); other schemas (preference pairs) go through TFDS."""
-
-    def __init__(self, source, features=None, where: str = ""):
-        self._source = source
-        self._where = where
-        self._raw = None
-        if features is not None and set(features.keys()) == _RECORD_FIELDS \
-                and hasattr(source, "data_source"):
-            from tensorflow_datasets.proto import tf_example_pb2
-
-            self._raw, self._example = source.data_source, tf_example_pb2.Example
-            self._code_columns = int(features["codes"].shape[1])
-            self._n_mels = int(features["mel"].shape[1])
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def _shard(self, index: int) -> str:
-        """The file holding record `index` (ArrayRecord sources), else the dataset folder."""
-        ds = getattr(self._source, "data_source", self._source)
-        try:
-            reader, _ = ds._reader_idx_and_position(index)
-            return os.fspath(ds._read_instructions[reader].filename)
-        except Exception:  # another source type: name what we know
-            return self._where or "the dataset"
-
-    def _corrupt(self, index: int, e: BaseException) -> CorruptRecordError:
-        return CorruptRecordError(
-            f"record {index} of {self._shard(index)} cannot be read ({type(e).__name__}: {e}): "
-            "the shard is truncated or damaged; rebuild it")
-
-    def _decode(self, raw: bytes) -> dict:
-        if not raw:  # ArrayRecord gives b"" for records of a shard that lost its end
-            raise ValueError("empty record")
-        f = self._example.FromString(raw).features.feature
-        out = {"task": f["task"].bytes_list.value[0].decode("utf-8")}
-        for key in _INT_FIELDS:
-            out[key] = np.asarray(f[key].int64_list.value, np.int32)
-        codes = np.asarray(f["codes"].int64_list.value, np.int32)
-        c = self._code_columns
-        out["codes"] = codes.reshape(-1, c) if c else np.zeros((0, 0), np.int32)
-        mel = f["mel"].bytes_list.value
-        out["mel"] = np.frombuffer(mel[0] if mel else b"", np.float16).reshape(-1, self._n_mels)
-        return out
-
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):  # a bad index is the caller's error, as it was
-            return self._decode(self._raw[index]) if self._raw is not None \
-                else _decode_text(self._source[index])
-        try:
-            if self._raw is not None:
-                return self._decode(self._raw[index])
-            return _decode_text(self._source[index])
-        except Exception as e:
-            if isinstance(e, _decode_errors()):
-                raise self._corrupt(index, e) from e
-            raise
-
-    def __getitems__(self, indices) -> list:
-        indices = list(indices)
-        try:
-            if self._raw is not None:
-                return [self._decode(r) for r in self._raw.__getitems__(indices)]
-            getitems = getattr(self._source, "__getitems__", None)
-            recs = getitems(indices) if getitems else [self._source[i] for i in indices]
-            return [_decode_text(r) for r in recs]
-        except Exception:  # find the record at fault, one by one, for a message naming it
-            for i in indices:
-                self[i]
-            raise
-
-    def __repr__(self) -> str:
-        return f"RecordSource({len(self)} records)"
-
-
-def open_source(out_dir: str, split: str = "train") -> RecordSource:
-    """The ArrayRecord records of one split of a build, as a random-access source."""
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder_from_directory(_dataset_dir(out_dir))
-    fmt = builder.info.file_format
-    if fmt is not None and getattr(fmt, "value", fmt) != "array_record":
-        raise ValueError(f"{out_dir} was built as {getattr(fmt, 'value', fmt)}: random access needs "
-                         "array_record; use open_tf_dataset for tf.data / SeqIO")
-    if split not in builder.info.splits:
-        raise KeyError(f"no split {split!r} in {out_dir}; built: {list(builder.info.splits.keys())}")
-    return RecordSource(builder.as_data_source(split), builder.info.features,
-                        where=str(builder.data_dir))
-
-
-def build_splits(out_dir: str) -> tuple[str, dict]:
-    """(file format, {split: records}) of a build, from its TFDS metadata."""
-    import tensorflow_datasets as tfds
-
-    info = tfds.builder_from_directory(_dataset_dir(out_dir)).info
-    fmt = getattr(info.file_format, "value", info.file_format) or "tfrecord"
-    return str(fmt), {name: int(s.num_examples) for name, s in info.splits.items()}
-
-
-def open_tf_dataset(out_dir: str, split: str = "train"):
-    """A tf.data.Dataset of the records of a TFRecord build (the SeqIO path), in stored order
-    (files one after another: the order ArrayRecord's random access numbers them in)."""
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder_from_directory(_dataset_dir(out_dir))
-    if split not in builder.info.splits:
-        raise KeyError(f"no split {split!r} in {out_dir}; built: {list(builder.info.splits.keys())}")
-    return builder.as_dataset(split=split, shuffle_files=False,
-                              read_config=tfds.ReadConfig(interleave_cycle_length=1))

@@ -12,16 +12,17 @@ row, its next block of the stream plus the indices of the few look-ahead example
 resuming re-renders those and continues bit for bit, on the same or on any other number of
 processes (the global batches do not depend on it).
 
-Batches follow the batch contract (ualm_jax/format/batch.py); clips are laid out as
-ualm_jax/format/layout.py says (one encoder window per clip slot). An example that does not fit
-its row's free positions or clip slots waits for that row's next batch; one longer than L (or with
-more than F clips) can never fit and is skipped and counted.
+Rendering (render.py) and first-fit packing (packing.py) are the pieces every path shares; this
+module owns the mixing and the per-row packers over the one global stream. Batches follow the
+batch contract (ualm_jax/format/batch.py); clips are laid out as ualm_jax/format/layout.py says
+(one encoder window per clip slot). An example that does not fit its row's free positions or clip
+slots waits for that row's next batch; one longer than L (or with more than F clips) can never fit
+and is skipped and counted.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
 from typing import Mapping, Optional, Sequence
 
@@ -29,125 +30,13 @@ import grain
 import numpy as np
 
 from data_pipelines import mixture as mix
-from ualm_jax.format.layout import AudioLayout  # noqa: F401 (re-exported)
-from ualm_jax.format.records import CODES, ENCODER, TEXT, from_record, is_reason_task
-from ualm_jax.format.template import render
+from data_pipelines.packing import BatchBuilder, Packer, RowPacker, block_slot, fill_batch
+from data_pipelines.render import Rendered, Renderer, splitmix64
+from ualm_jax.format.layout import AudioLayout
 from ualm_jax.format.vocab import JointVocab, vocab_of
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: one packer per global row (elastic resume); 1: one per process
-
-
-# Rendering ----------------------------------------------------------------------------------------
-class Rendered:
-    """One rendered example, ready to pack. clips: (position, n_frames, mel window [n, n_mels])."""
-    __slots__ = ("task", "tokens", "loss_weights", "clips", "cfg_dropped", "index")
-
-    def __init__(self, task: int, tokens, loss_weights, clips=(), cfg_dropped=False, index=-1):
-        self.task, self.tokens, self.loss_weights = task, tokens, loss_weights
-        self.clips, self.cfg_dropped, self.index = tuple(clips), cfg_dropped, index
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-class KeyedUniform:
-    """A counter-based uniform in [0, 1) keyed by (seed, task, index): the one draw `render` makes
-    for CFG dropout. Same key -> same draw in any process or order; ~2 us where building a numpy
-    Generator per example costs ~22 us (a tenth of a short example's whole budget)."""
-    __slots__ = ("value",)
-
-    def __init__(self, seed: int, task: int, index: int):
-        h = _splitmix64(_splitmix64(_splitmix64(int(seed) & _M64) ^ int(task)) ^ (int(index) & _M64))
-        self.value = (h >> 11) * (1.0 / (1 << 53))
-
-    def random(self) -> float:
-        return self.value
-
-
-class Renderer:
-    """Record dict -> Rendered, through records.from_record + template.render."""
-
-    def __init__(self, vocab: JointVocab, layout: AudioLayout, task: int = 0, seed: int = 0,
-                 cfg_dropout: float = 0.0, name: str = "", supervise_headers: str = "reasoning",
-                 stream_weights=None, text_id0_as_pad: bool = False):
-        """supervise_headers: data.supervise_headers (assistant | reasoning | none);
-        stream_weights: model.stream_weights resolved (None = 1/K each);
-        text_id0_as_pad: data.text_id0_as_pad (text id 0 -> pad, as the reference)."""
-        if supervise_headers not in ("assistant", "reasoning", "none"):
-            raise ValueError(f"supervise_headers={supervise_headers!r} is not one of assistant, "
-                             "reasoning, none")
-        self.supervise_headers = supervise_headers
-        self.text_id0_as_pad = bool(text_id0_as_pad)
-        self.stream_weights = None if stream_weights is None else tuple(stream_weights)
-        self.vocab, self.layout, self.task, self.seed = vocab, layout, task, seed
-        self.cfg_dropout, self.name = float(cfg_dropout), name or f"task {task}"
-        self.k = max(vocab.num_codebooks, 1)
-
-    def _check_audio(self, kinds) -> None:
-        if not self.layout.enabled and (np.asarray(kinds) == ENCODER).any():
-            raise ValueError(f"{self.name}: a record has encoder-input audio but the pipeline has "
-                             f"no audio encoder layout (n_mels/mel_frames/frames_per_window/"
-                             f"max_clips_per_row must all be > 0)")
-
-    def length(self, rec: Mapping) -> int:
-        """Rendered length without rendering: <bos> + per segment header(2) + body + closer."""
-        kinds, lengths = np.asarray(rec["kinds"]), np.asarray(rec["lengths"], np.int64)
-        self._check_audio(kinds)
-        n = 1 + 3 * len(kinds) + int(lengths[kinds == TEXT].sum())
-        n += int((lengths[kinds == CODES] + self.k - 1).sum())
-        return n + sum(self.layout.frames_of(int(m)) for m in lengths[kinds == ENCODER])
-
-    def clip_count(self, rec: Mapping) -> int:
-        """Encoder windows (clip slots) the record's input audio takes."""
-        kinds, lengths = np.asarray(rec["kinds"]), np.asarray(rec["lengths"])
-        t = self.layout.mel_frames
-        return sum(1 for m in lengths[kinds == ENCODER] for s in range(0, int(m), t)
-                   if self.layout.window_frames(min(t, int(m) - s)))
-
-    def packed_length(self, rec: Mapping, seq_len: int) -> int:
-        """Positions the record adds to packed rows: its length, or 0 when it can never fit (it
-        will be skipped). Mean tokens for the mixture weights use this, so skipping does not bias
-        the realised token shares."""
-        n = self.length(rec)
-        clips = self.clip_count(rec) if self.layout.enabled else 0
-        return n if n <= seq_len and clips <= self.layout.max_clips else 0
-
-    def __call__(self, index: int, rec: Mapping) -> Rendered:
-        self._check_audio(rec["kinds"])
-        frames_of = self.layout.frames_of if self.layout.enabled else None
-        _, segments, mels = from_record(rec, frames_of)
-        rng = KeyedUniform(self.seed, self.task, index) if self.cfg_dropout > 0 else None
-        # Reasoning records switch modality inside the assistant turn: the model must learn to
-        # choose the next segment's header, so those headers are supervised (UALM-Reason).
-        reason = self.supervise_headers == "reasoning" and is_reason_task(str(rec.get("task", "")))
-        ex = render(segments, self.vocab, cfg_dropout_rng=rng, cfg_dropout_prob=self.cfg_dropout,
-                    supervise_continuation_headers=reason,
-                    supervise_headers=self.supervise_headers == "assistant",
-                    stream_weights=self.stream_weights, text_id0_as_pad=self.text_id0_as_pad)
-        clips = []
-        if not ex.cfg_dropped:  # a dropped example keeps only its target audio: no encoder input
-            t = self.layout.mel_frames
-            for (start, n), mel in zip(ex.audio_input_frames, mels):
-                off = 0
-                for s in range(0, len(mel), t):
-                    window = mel[s:s + t]
-                    nf = self.layout.window_frames(len(window))
-                    if nf:
-                        clips.append((start + off, nf, window))
-                        off += nf
-                assert off == n, (off, n)
-        return Rendered(self.task, ex.tokens, ex.loss_weights, clips, ex.cfg_dropped, index)
 
 
 # Mixing -------------------------------------------------------------------------------------------
@@ -182,7 +71,7 @@ class WeightedInterleave(grain.transforms.DatasetSelectionMap):
 
 
 def _task_seed(seed: int, task: int) -> int:
-    return (_splitmix64((int(seed) << 8) ^ task) >> 32) % (2 ** 32)
+    return (splitmix64((int(seed) << 8) ^ task) >> 32) % (2 ** 32)
 
 
 class _ReadAndRender:
@@ -211,218 +100,6 @@ def task_dataset(source, renderer: Renderer, seed: int, shuffle: bool = True) ->
 
 
 # Packing ------------------------------------------------------------------------------------------
-class BatchBuilder:
-    """First-fit packing of Rendered examples into one [B, L, K] batch (plus clip slots)."""
-
-    def __init__(self, batch_size: int, seq_len: int, k: int, layout: AudioLayout):
-        b, l, self.layout = batch_size, seq_len, layout
-        self.b, self.l = b, l
-        self.tokens = np.zeros((b, l, k), np.int32)
-        self.weights = np.zeros((b, l, k), np.float32)
-        self.segment_ids = np.zeros((b, l), np.int32)
-        self.positions = np.zeros((b, l), np.int32)
-        self.task_ids = np.full((b, l), -1, np.int32)
-        self.used = [0] * b
-        self.segments = [0] * b
-        self.clips = [0] * b
-        self.row_tasks: list = [[] for _ in range(b)]  # task of each example placed, per row
-        self.max_clips = layout.max_clips if layout.enabled else 0
-        if layout.enabled:
-            f, t = layout.max_clips, layout.mel_frames
-            # np.zeros is lazily zeroed memory: untouched clip slots cost nothing to allocate.
-            self.features = np.zeros((b, f, t, layout.n_mels), np.float32)
-            self.mel_mask = np.zeros((b, f, t), bool)
-            self.slots = np.full((b, l), -1, np.int32)
-        self._arange = np.arange(l, dtype=np.int32)
-
-    def fits_empty_row(self, e: Rendered) -> bool:
-        return len(e) <= self.l and len(e.clips) <= self.max_clips
-
-    def full(self, row: Optional[int] = None) -> bool:
-        if row is not None:
-            return self.used[row] == self.l
-        return all(u == self.l for u in self.used)
-
-    def place(self, e: Rendered, row: Optional[int] = None) -> bool:
-        """Put e into the first row (or into `row`) with room for its tokens AND its clips;
-        False if none has."""
-        n, c = len(e), len(e.clips)
-        for r in (range(self.b) if row is None else (row,)):
-            if self.used[r] + n <= self.l and self.clips[r] + c <= self.max_clips:
-                break
-        else:
-            return False
-        s = self.used[r]
-        sl = slice(s, s + n)
-        self.tokens[r, sl] = e.tokens
-        self.weights[r, sl] = e.loss_weights
-        self.segments[r] += 1
-        self.segment_ids[r, sl] = self.segments[r]
-        self.positions[r, sl] = self._arange[:n]
-        self.task_ids[r, sl] = e.task
-        self.row_tasks[r].append(e.task)
-        for pos, nf, mel in e.clips:
-            c = self.clips[r]
-            self.slots[r, s + pos:s + pos + nf] = self.layout.slot(c, self._arange[:nf])
-            self.features[r, c, :len(mel)] = mel
-            self.mel_mask[r, c, :len(mel)] = True
-            self.clips[r] = c + 1
-        self.used[r] = s + n
-        return True
-
-    def finish(self) -> dict:
-        out = {"tokens": self.tokens, "loss_weights": self.weights, "segment_ids": self.segment_ids,
-               "positions": self.positions, "task_ids": self.task_ids}
-        if self.layout.enabled:
-            out.update(audio_features=self.features, audio_mel_mask=self.mel_mask,
-                       audio_slots=self.slots)
-        return out
-
-
-def fill_batch(builder: BatchBuilder, waiting: list, read, lookahead: int,
-               row: Optional[int] = None):
-    """Fill one batch (or only its row `row`): the waiting examples first (oldest first), then new
-    ones from read() until `lookahead` examples wait or every row is full.
-    -> (still waiting, placed, read exhausted). The oldest waiting example always fits an empty
-    row, so none waits forever."""
-    left, placed, exhausted = [], 0, False
-    for e in waiting:
-        if builder.place(e, row):
-            placed += 1
-        else:
-            left.append(e)
-    while len(left) < lookahead and not builder.full(row):
-        try:
-            e = read()
-        except StopIteration:
-            exhausted = True
-            break
-        if builder.place(e, row):
-            placed += 1
-        else:
-            left.append(e)
-    return left, placed, exhausted
-
-
-class Packer:
-    """First-fit packing of a stream of Rendered examples into this process's host batches (see
-    fill_batch), skipping and counting examples that can never fit a row. Subclasses say where
-    examples come from (`_fetch`) and how the position is saved (`get_state`/`set_state`)."""
-
-    per_host = True  # batches are this process's rows already: the trainer must not slice them
-
-    def __init__(self, batch_size: int, seq_len: int, k: int, layout: AudioLayout, lookahead: int,
-                 task_names: Sequence[str] = (), fingerprint: Optional[dict] = None):
-        self.batch_size, self.seq_len, self.k = batch_size, seq_len, k
-        self.layout, self.lookahead = layout, max(1, int(lookahead))
-        self.task_names = tuple(task_names)
-        self.fingerprint = dict(fingerprint or {})
-        self.report: list = []  # per-task rows for `mixture inspect`, set by the builder
-        self.weights: dict = {}
-        self._pending: list = []
-        self.max_consecutive_skips = 100_000  # then the config, not the data, is wrong: say so
-        self.counts = {"batches": 0, "examples": 0, "skipped_too_long": 0,
-                       "skipped_too_many_clips": 0}
-        self._skips_by_task: dict = {}  # (counter, task) -> skips, for one log line per task
-
-    def _fetch(self) -> Rendered:
-        """The next example of the stream (StopIteration at the end of a finite one)."""
-        raise NotImplementedError
-
-    def _unfit(self, e: Rendered) -> Optional[tuple]:
-        """(counter, reason) when e can never fit a row, else None."""
-        if len(e) > self.seq_len:
-            return "skipped_too_long", f"{len(e)} tokens > seq_len {self.seq_len}"
-        if len(e.clips) > (self.layout.max_clips if self.layout.enabled else 0):
-            return ("skipped_too_many_clips",
-                    f"{len(e.clips)} clips > max_clips_per_row {self.layout.max_clips}")
-        return None
-
-    def _read(self, fetch=None, tally=None) -> Rendered:
-        """The next example that can fit a row, from `fetch` (default _fetch); the ones that never
-        can are skipped and counted (also on `tally`, e.g. a row's RowPacker)."""
-        fetch = fetch or self._fetch
-        for _ in range(self.max_consecutive_skips):
-            e = fetch()
-            why = self._unfit(e)
-            if why is None:
-                return e
-            self.counts[why[0]] += 1
-            if tally is not None:
-                setattr(tally, why[0], getattr(tally, why[0]) + 1)
-            self._skip(why[0], e, why[1])
-        raise ValueError(f"{self.max_consecutive_skips} examples in a row cannot fit a row of "
-                         f"{self.seq_len} tokens: raise train.seq_len or data.max_clips_per_row "
-                         f"({self.counts})")
-
-    _FIX = {"skipped_too_long": "raise train.seq_len, or rebuild the task with a lower "
-                                "--max-seconds so its examples fit",
-            "skipped_too_many_clips": "raise data.max_clips_per_row, or split long audio"}
-
-    def _skip(self, counter: str, e: Rendered, why: str) -> None:
-        """One line per task and cause at its 1st, 10th, 100th, ... skip, naming the example
-        (its place in the mixture's stream) and the fix (the caller has counted it)."""
-        name = self.task_names[e.task] if e.task < len(self.task_names) else str(e.task)
-        n = self._skips_by_task[(counter, name)] = self._skips_by_task.get((counter, name), 0) + 1
-        if n in (1, 10, 100, 1000) or n % 10000 == 0:
-            where = f"stream element {e.index}: " if e.index >= 0 else ""
-            log.warning("task %s: %d example(s) skipped so far, %d in all tasks (%s%s); %s", name,
-                        n, self.counts[counter], where, why, self._FIX.get(counter, ""))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        b = BatchBuilder(self.batch_size, self.seq_len, self.k, self.layout)
-        self._pending, placed, exhausted = fill_batch(b, self._pending, self._read, self.lookahead)
-        if exhausted and not placed and not self._pending:
-            raise StopIteration  # a finite stream has ended (training streams repeat)
-        self.counts["batches"] += 1
-        self.counts["examples"] += placed
-        return b.finish()
-
-    def _check_fingerprint(self, state: Mapping) -> None:
-        saved = dict(state.get("fingerprint", {}))
-        for key, value in self.fingerprint.items():
-            if key in saved and saved[key] != value:
-                raise ValueError(f"data iterator state was saved with {key}={saved[key]!r} but "
-                                 f"this pipeline has {key}={value!r}: resuming would not continue "
-                                 f"the same stream")
-
-    def stats(self) -> dict:
-        return dict(self.counts)
-
-
-class RowPacker:
-    """One row of the global batch: its position in its share of the stream (next block), the
-    examples it read that wait for room, and what it placed."""
-    __slots__ = ("next", "pending", "examples", "tasks", "skipped_too_long",
-                 "skipped_too_many_clips")
-
-    def __init__(self, n_tasks: int):
-        self.next, self.pending, self.examples = 0, [], 0
-        self.tasks = [0] * n_tasks
-        self.skipped_too_long = self.skipped_too_many_clips = 0
-
-    def to_json(self) -> dict:
-        return {"next": self.next, "pending": [int(e.index) for e in self.pending],
-                "examples": self.examples, "tasks": list(self.tasks),
-                "skipped_too_long": self.skipped_too_long,
-                "skipped_too_many_clips": self.skipped_too_many_clips}
-
-
-def block_slot(seed: int, block: int, rows: int, row: int) -> int:
-    """Where row `row` reads inside block `block` of the stream: a seeded affine permutation of
-    the rows per block, so a task pattern of the interleave never lines up with the rows."""
-    if rows == 1:
-        return 0
-    h = _splitmix64((int(seed) << 20) ^ _splitmix64(int(block)))
-    a = 1 + (h >> 32) % (rows - 1)
-    while math.gcd(a, rows) != 1:
-        a = a % (rows - 1) + 1
-    return (a * row + (h & 0xFFFFFFFF)) % rows
-
-
 class PackedIterator(Packer):
     """This process's rows of the global batch, packed from ONE global example stream.
 
@@ -595,7 +272,7 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if open_source is None:
-        from data_pipelines.build import open_source
+        from data_pipelines.sources import open_source
     from data_pipelines.staging import local_build_dir
 
     entries = mix.parse_mixture(cfg.data.mixture)
@@ -611,7 +288,7 @@ def make_config_iterator(cfg, split: str = "train", process_index: Optional[int]
     local = {e.name: local_build_dir(e.path, stage, f"data.mixture[{i}].path")
              for i, e in enumerate(entries)}
     if check_build is None:
-        from data_pipelines.build import check_build_matches_model as check_build
+        from data_pipelines.sources import check_build_matches_model as check_build
     for i, e in enumerate(entries):
         check_build(local[e.name], cfg.model, f"data.mixture[{i}] ({e.name})")
     sources = {e.name: open_source(local[e.name], split) for e in entries}

@@ -18,7 +18,7 @@ from data_pipelines.staging import local_build_dir
 
 
 def _held_out_examples(path: str) -> Optional[int]:
-    from data_pipelines.build import open_source
+    from data_pipelines.sources import open_source
 
     try:
         return len(open_source(path, "validation"))

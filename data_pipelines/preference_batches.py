@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from data_pipelines.builders.preference import from_preference_record
+from ualm_jax.format.records import from_preference_record
 from ualm_jax.format.template import render
 
 

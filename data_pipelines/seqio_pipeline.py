@@ -28,7 +28,9 @@ import tensorflow as tf
 
 from data_pipelines import mixture as mix
 from data_pipelines import seqio_tasks as st
-from data_pipelines.grain_pipeline import AudioLayout, Renderer, audio_args
+from data_pipelines.grain_pipeline import audio_args
+from data_pipelines.render import Renderer
+from ualm_jax.format.layout import AudioLayout
 from ualm_jax.format.vocab import vocab_of
 
 STATE_VERSION = 1
@@ -104,7 +106,7 @@ def register_config(cfg) -> Optional[str]:
     d = cfg.data
     if not d.mixture:
         return None
-    from data_pipelines.build import check_build_matches_model
+    from data_pipelines.sources import check_build_matches_model
     from data_pipelines.staging import local_build_dir
 
     entries = mix.parse_mixture(d.mixture)

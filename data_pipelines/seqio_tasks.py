@@ -30,8 +30,10 @@ import seqio
 import tensorflow as tf
 
 from data_pipelines import mixture as mix
-from data_pipelines.grain_pipeline import (AudioLayout, Packer, Rendered, Renderer,
-                                           WeightedInterleave)
+from data_pipelines.grain_pipeline import WeightedInterleave
+from data_pipelines.packing import Packer
+from data_pipelines.render import Rendered, Renderer
+from ualm_jax.format.layout import AudioLayout
 from ualm_jax.format.vocab import JointVocab
 
 RECORD_SIGNATURE = {
@@ -78,7 +80,7 @@ class TFRecordSplit:
         return self.records
 
     def dataset(self) -> tf.data.Dataset:
-        from data_pipelines.build import open_tf_dataset
+        from data_pipelines.sources import open_tf_dataset
 
         ds = open_tf_dataset(self.path, self.split)
         return ds.map(lambda r: {f: r[f] if f == "task" else tf.cast(r[f], RECORD_SIGNATURE[f].dtype)
@@ -100,7 +102,7 @@ def split_dataset(src) -> tf.data.Dataset:
 def build_splits_of(path: str) -> dict:
     """{split: source} of a built folder: random access for ArrayRecord builds, TFRecordSplit
     for TFRecord ones."""
-    from data_pipelines.build import build_splits, open_source
+    from data_pipelines.sources import build_splits, open_source
 
     fmt, sizes = build_splits(path)
     if fmt == "array_record":

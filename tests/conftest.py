@@ -65,7 +65,7 @@ def tiny_params(tiny_model):
 
 @pytest.fixture(scope="session")
 def tiny_batch(tiny_cfg):
-    from ualm_jax.train.synthetic import stream_for_model
+    from data_pipelines.synthetic import stream_for_model
 
     b = next(stream_for_model(tiny_cfg, batch=4, seq=64, seed=1))
     b.pop("task_ids")

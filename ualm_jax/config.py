@@ -21,7 +21,6 @@ from typing import Any, Literal, Optional
 import yaml
 
 import ualm_jax.storage as storage
-from ualm_jax.model.presets import PRESETS
 
 
 class ConfigError(ValueError):
@@ -492,7 +491,7 @@ class DataConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # (?)
-    ce_weight: float = 1.0  # CE on the chosen sample keeps the policy from drifting (UALM.md)
+    ce_weight: float = 1.0  # CE on the chosen sample keeps the policy from drifting (docs/ualm.md)
     # online: frozen train.init_from params | offline: pairs' ref_logp
     reference: Literal["online", "offline"] = "online"
 
@@ -924,11 +923,36 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg.validate()
 
 
+def _models_folder() -> Path:
+    """configs/models/, shipped as the package data `ualm_jax.configs.models`."""
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("ualm_jax.configs.models")))
+    except ModuleNotFoundError:  # running from a checkout that was not installed
+        return Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+@functools.lru_cache(maxsize=None)
+def _presets() -> dict[str, dict]:
+    """Model presets by name: configs/models/NAME.yaml (the real Qwen2.5 shapes and `tiny`),
+    tiny first, then by size."""
+    files = sorted(_models_folder().glob("*.yaml"),
+                   key=lambda f: (f.stem != "tiny", float(f.stem.rstrip("bB") or 0)
+                                  if f.stem.rstrip("bB").replace(".", "").isdigit() else 0))
+    return {f.stem: yaml.safe_load(f.read_text()) or {} for f in files}
+
+
+def preset_names() -> tuple[str, ...]:
+    return tuple(_presets())
+
+
 def preset_dict(name: str) -> dict:
     """A model preset's fields (a fresh copy) with `preset` set to its name."""
-    if name not in PRESETS:
-        raise ConfigError(f"model.preset={name!r} is unknown; known presets: {', '.join(PRESETS)}")
-    d = copy.deepcopy(PRESETS[name])
+    presets = _presets()
+    if name not in presets:
+        raise ConfigError(f"model.preset={name!r} is unknown; known presets: {', '.join(presets)}")
+    d = copy.deepcopy(presets[name])
     d["preset"] = name
     return d
 

@@ -37,7 +37,7 @@ def demo_config(config: str, overrides: Sequence[str], info: dict):
 
 
 def prepare(run_dir: Path, config: str, overrides: Sequence[str], clips: int, problems: int) -> dict:
-    from data_pipelines.demo_world.demo_data import prepare_world_data
+    from data_pipelines.demo.data import prepare_world_data
     from ualm_jax.config import load_config
 
     model = load_config(config, list(overrides)).model
@@ -50,7 +50,7 @@ def prepare(run_dir: Path, config: str, overrides: Sequence[str], clips: int, pr
 def report(cfg, run_dir: Path, info: dict, summary: dict, eval_items: int, export: bool) -> dict:
     """Everything after training: world metrics, plots, export, results.json."""
     from data_pipelines.inspect_mixture import inspect_mixture
-    from ualm_jax.eval.world_eval import evaluate_world
+    from ualm_jax.eval.demo_world import evaluate_world
     from ualm_jax.infer.tasks import load
     from ualm_jax.report.plots import plot_losses, plot_mixture, plot_spectrograms
 
@@ -82,7 +82,7 @@ def report(cfg, run_dir: Path, info: dict, summary: dict, eval_items: int, expor
 
 
 def format_results(results: dict) -> str:
-    from ualm_jax.eval.world_eval import format_world_table
+    from ualm_jax.eval.demo_world import format_world_table
 
     ev = results.get("eval") or {}
     first = results.get("first_loss") or {}

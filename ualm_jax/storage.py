@@ -8,6 +8,7 @@ no disk check) instead of each caller testing for URLs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -72,6 +73,90 @@ def absolute(path: AnyPath):
     """Local paths made absolute (Orbax misreads relative ones); URLs unchanged."""
     p = as_path(path)
     return p if is_url(p) else p.absolute()
+
+
+def join(base: AnyPath, *parts: str) -> str:
+    """A path under `base` as a string: "/"-joined for URLs, os.path.join for local paths."""
+    base = os.fspath(base)
+    if is_url(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def resolve(path: str, folder: AnyPath) -> str:
+    """`path` as written in a file of `folder` (a manifest, a prompts file): a URL or an
+    absolute path as it is, a relative one joined to the folder."""
+    if is_url(path) or os.path.isabs(path):
+        return path
+    return join(folder, path)
+
+
+def dirname(path: AnyPath) -> str:
+    """The folder of a file path or URL (URLs keep their scheme)."""
+    path = os.fspath(path)
+    return path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(path)
+
+
+def exists(path: AnyPath) -> bool:
+    return as_path(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def remove(path: AnyPath) -> None:
+    """Deletes a file or a whole folder (or URL prefix); nothing when it does not exist."""
+    p = as_path(path)
+    if is_url(path):
+        if p.exists():
+            p.rmtree() if p.is_dir() else p.unlink()
+    elif os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        os.remove(p)
+
+
+def open_file(path: AnyPath, mode: str = "rb"):
+    """open() for local files (no etils import on the hot path), epath's open for URLs."""
+    return as_path(path).open(mode) if is_url(path) else open(path, mode)
+
+
+def write_json(path: AnyPath, obj) -> None:
+    """Indented JSON with a final newline, to a local file or an object."""
+    import json
+
+    text = json.dumps(obj, indent=2) + "\n"
+    if is_url(path):
+        as_path(path).write_text(text)
+        return
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def glob(folder: AnyPath, pattern: str) -> list[str]:
+    """Sorted paths (as strings) in `folder` matching `pattern`."""
+    import glob as globlib
+
+    if is_url(folder):
+        return sorted(str(p) for p in as_path(folder).glob(pattern))
+    return sorted(globlib.glob(os.path.join(os.fspath(folder), pattern)))
+
+
+@contextlib.contextmanager
+def local_copy(path: AnyPath):
+    """A local file to hand to libraries that read only local files (soundfile): the path itself,
+    or a temporary copy of an object; None when it does not exist."""
+    path = os.fspath(path)
+    if not is_url(path):
+        yield path if os.path.isfile(path) else None
+        return
+    src = as_path(path)
+    if not src.exists():
+        yield None
+        return
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=os.path.splitext(path)[1]) as tmp:
+        tmp.write(src.read_bytes())
+        tmp.flush()
+        yield tmp.name
 
 
 def credential_source(path: AnyPath) -> str:

@@ -4,8 +4,11 @@ Use `data_pipelines.build.build(kind, manifest, out_dir, ...)` rather than these
 """
 from data_pipelines.builders.audio_qa import AudioQABuilder
 from data_pipelines.builders.captions import CaptionsBuilder
-from data_pipelines.builders.common import ManifestBuilder, Skip, encoder_frames_of_mel
-from data_pipelines.builders.preference import PreferenceBuilder, from_preference_record
+from data_pipelines.builders.converter import encoder_frames_of_mel
+from data_pipelines.builders.manifest import Skip
+from data_pipelines.builders.tfds_builder import ManifestBuilder
+from data_pipelines.builders.preference import PreferenceBuilder
+from ualm_jax.format.records import from_preference_record
 from data_pipelines.builders.reason import ReasonBuilder, is_reason_task
 from data_pipelines.builders.text_sft import TextSFTBuilder
 

@@ -14,8 +14,9 @@ are text and carry the loss. No codec is needed (one may be given: token counts 
 from __future__ import annotations
 
 from data_pipelines import features as F
-from data_pipelines.builders.common import (Converter, ManifestBuilder, Skip, check_keys, paths,
-                                            require_text, strings)
+from data_pipelines.builders.converter import Converter, check_keys, paths, require_text, strings
+from data_pipelines.builders.manifest import Skip
+from data_pipelines.builders.tfds_builder import ManifestBuilder
 from ualm_jax.format.template import Segment
 
 ROLES = ("system", "user", "assistant")

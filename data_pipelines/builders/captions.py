@@ -19,7 +19,8 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 
 from data_pipelines import features as F
-from data_pipelines.builders.common import Converter, ManifestBuilder, paths, require_text, strings
+from data_pipelines.builders.converter import Converter, paths, require_text, strings
+from data_pipelines.builders.tfds_builder import ManifestBuilder
 from ualm_jax.format.template import captioning_segments, text_to_audio_segments
 
 TASK_CHOICES = ("both", "t2a", "caption")

@@ -17,7 +17,9 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-from data_pipelines.builders.common import SPLIT_ALIASES, _open, iter_lines
+import ualm_jax.storage as storage
+
+from data_pipelines.builders.manifest import SPLIT_ALIASES, iter_lines
 
 
 class ManifestError(ValueError):
@@ -51,9 +53,9 @@ def manifest_rows(manifest: str, held_out: bool = False) -> Iterator[tuple]:
     from data_pipelines.builders import BUILDERS
 
     manifest = os.fspath(manifest)
-    if "://" not in manifest and not os.path.isfile(manifest):
+    if not storage.is_url(manifest) and not os.path.isfile(manifest):
         raise ManifestError(f"manifest not found: {manifest}")
-    with _open(manifest) as f:
+    with storage.open_file(manifest) as f:
         for _, raw in iter_lines(f):
             try:
                 data = json.loads(raw.decode("utf-8")) if isinstance(raw, bytes) else None
@@ -98,13 +100,11 @@ def manifest_audio(manifests: Sequence[str], held_out: bool = False) -> list:
     files, seen = [], set()
     for manifest in manifests:
         manifest = os.fspath(manifest)
-        folder = os.path.dirname(manifest) if "://" in manifest else \
-            os.path.dirname(os.path.abspath(manifest))
+        folder = storage.dirname(manifest if storage.is_url(manifest) else os.path.abspath(manifest))
         for conv, data in manifest_rows(manifest, held_out):
             for rel in conv.audio_refs(data):
-                path = rel if "://" in rel or os.path.isabs(rel) else (
-                    f"{folder}/{rel}" if "://" in folder else os.path.join(folder, rel))
-                key = path if "://" in path else os.path.realpath(path)
+                path = storage.resolve(rel, folder)
+                key = path if storage.is_url(path) else os.path.realpath(path)
                 if key not in seen:
                     seen.add(key)
                     files.append(AudioFile(manifest, rel, path))

@@ -10,19 +10,20 @@ The prompt is a caption; each side is a text-to-audio conversation (user: text-t
 caption, assistant: codec codes of that side's audio), stored as a whole `to_record` under
 "chosen" and "rejected". The optional reference-policy log-probs (computed offline, so the frozen
 reference model need not sit in accelerator memory during DPO) come as a pair or not at all;
-absent ones are stored as NaN. `from_preference_record` reads a record back.
+absent ones are stored as NaN. `ualm_jax.format.records.from_preference_record` reads a record
+back.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines.builders.common import (Converter, ManifestBuilder, Skip, check_finite, paths,
-                                            record_features, require_text, strings)
-from ualm_jax.format.records import from_record
+from data_pipelines.builders.converter import (Converter, check_finite, paths, record_features,
+                                               require_text, strings)
+from data_pipelines.builders.manifest import Skip
+from data_pipelines.builders.tfds_builder import ManifestBuilder
 from ualm_jax.format.template import text_to_audio_segments
 
 SIDES = ("chosen", "rejected")
@@ -79,23 +80,3 @@ class PreferenceConverter(Converter):
 class PreferenceBuilder(ManifestBuilder, skip_registration=True):
     name = "ualm_preference"
     converter_cls = PreferenceConverter
-
-
-def _side(rec: dict, side: str) -> dict:
-    if side in rec:
-        return rec[side]
-    prefix = side + "/"
-    return {k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)}
-
-
-def from_preference_record(rec: dict, frames_of=None) -> tuple:
-    """-> (chosen, rejected, ref_logps): each side `from_record`'s (task, segments, mels);
-    ref_logps = (chosen, rejected) floats, or None when the pair was stored without them.
-    Takes the nested record `open_source` gives or a flat one with `chosen/...` keys."""
-    chosen = from_record(_side(rec, "chosen"), frames_of)
-    rejected = from_record(_side(rec, "rejected"), frames_of)
-    logps: Optional[tuple] = None
-    c, r = rec.get("ref_logp_chosen"), rec.get("ref_logp_rejected")
-    if c is not None and r is not None and not (math.isnan(float(c)) or math.isnan(float(r))):
-        logps = (float(c), float(r))
-    return chosen, rejected, logps

@@ -20,8 +20,9 @@ supervised, so the model learns to switch modality inside its own turn.
 """
 from __future__ import annotations
 
-from data_pipelines.builders.common import (COMMON_KEYS, Converter, ManifestBuilder, Skip,
-                                            check_keys, paths, require_text, strings)
+from data_pipelines.builders.converter import Converter, check_keys, paths, require_text, strings
+from data_pipelines.builders.manifest import COMMON_KEYS, Skip
+from data_pipelines.builders.tfds_builder import ManifestBuilder
 from ualm_jax.format.records import REASON_TASK_PREFIX, is_reason_task  # noqa: F401 (re-exported)
 from ualm_jax.format.template import Segment
 

@@ -8,7 +8,8 @@ Consecutive messages of one role are kept as they are (the template closes them 
 from __future__ import annotations
 
 from data_pipelines.builders.audio_qa import check_messages, message_texts
-from data_pipelines.builders.common import Converter, ManifestBuilder
+from data_pipelines.builders.converter import Converter
+from data_pipelines.builders.tfds_builder import ManifestBuilder
 from ualm_jax.format.template import Segment
 
 

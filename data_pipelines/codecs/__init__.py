@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import ualm_jax.storage as storage
 from data_pipelines.codecs.base import Codec
 from data_pipelines.codecs.spectral import SpectralCodec
 from data_pipelines.codecs.xcodec import XCodec
@@ -43,12 +44,12 @@ def codec_identity(spec) -> str:
     import hashlib
 
     directory = codec_dir(spec)
-    if "://" not in directory and codec_kind(directory) == "spectral":
+    if not storage.is_url(directory) and codec_kind(directory) == "spectral":
         codec = SpectralCodec.load(directory)
         h = hashlib.sha256(json.dumps(codec.config(), sort_keys=True).encode())
         h.update(codec.codebooks.tobytes())
         return "spectral:" + h.hexdigest()
-    return directory if "://" in directory else os.path.abspath(directory)
+    return directory if storage.is_url(directory) else os.path.abspath(directory)
 
 
 def load_codec(spec, **kwargs) -> Codec:

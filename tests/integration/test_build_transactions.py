@@ -19,9 +19,10 @@ import pytest
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("tensorflow_datasets")
 
-from data_pipelines.build import (INCOMPLETE_FILE, BuildError, CorruptRecordError,  # noqa: E402
-                                  build, open_source)
-from data_pipelines.builders import common  # noqa: E402
+from data_pipelines.build import INCOMPLETE_FILE, BuildError, build  # noqa: E402
+from data_pipelines.sources import CorruptRecordError, open_source  # noqa: E402
+from data_pipelines.builders import manifest as common  # noqa: E402
+from data_pipelines.builders.converter import check_finite  # noqa: E402
 
 SR = 16000
 LIMIT = 300_000  # max_line_bytes of the poison builds: the 100k-deep line (200 kB) stays under it
@@ -173,7 +174,7 @@ def test_parse_line_limits():
         common.parse_line(json.dumps({"split": "v" * 10_000}).encode(), 0.0)
     assert e.value.code == "bad_value" and len(e.value.reason) < 200
     with pytest.raises(common.Skip) as e:  # an int beyond any float in a float field
-        common.check_finite(10 ** 400, "ref_logp_chosen")
+        check_finite(10 ** 400, "ref_logp_chosen")
     assert e.value.code == "bad_value"
     with pytest.raises(ValueError, match="positive"):
         common.Limits(max_line_bytes=0)
@@ -230,7 +231,7 @@ def sft_manifest(path, n, offset=0):
 
 
 def test_interrupted_rebuild_leaves_the_old_build(world, monkeypatch):
-    from data_pipelines.builders import common as C
+    from data_pipelines.builders import report as C
     from data_pipelines.builders.text_sft import TextSFTConverter
 
     root = world["root"]
@@ -371,7 +372,7 @@ def test_killed_rebuild_leaves_the_old_build(world):
 
 
 def test_empty_manifest_fails_in_the_cli(world, capsys):
-    from data_pipelines.cli_data import main
+    from ualm_jax.cli import main
 
     empty = world["root"] / "cli_empty.jsonl"
     empty.write_bytes(b"")
@@ -384,7 +385,7 @@ def test_empty_manifest_fails_in_the_cli(world, capsys):
 
 
 def test_cli_line_limits(world, capsys):
-    from data_pipelines.cli_data import main
+    from ualm_jax.cli import main
 
     manifest = world["root"] / "cli_limits.jsonl"
     manifest.write_text(json.dumps(GOOD["text-sft"][0]) + "\n" + json.dumps(

@@ -9,7 +9,9 @@ import pytest
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("tensorflow_datasets")
 
-from data_pipelines.build import BuildError, build, open_source, open_tf_dataset  # noqa: E402
+from data_pipelines.build import BuildError, build  # noqa: E402
+
+from data_pipelines.sources import open_source, open_tf_dataset
 from data_pipelines.builders import encoder_frames_of_mel, from_preference_record  # noqa: E402
 from ualm_jax.format.records import from_record  # noqa: E402
 from ualm_jax.format.template import render  # noqa: E402
@@ -180,7 +182,7 @@ def test_audio_qa(data):
 
 
 def test_text_sft_cli_eval_split(data, capsys):
-    from data_pipelines.cli_data import main
+    from ualm_jax.cli import main
 
     root = data["root"]
     good = [{"messages": [{"role": "system", "content": "yes"},
@@ -279,7 +281,7 @@ def test_builds_survive_lines_that_all_fail(data):
 
 def test_manifest_chunks_cover_every_line_once(tmp_path):
     """Beam workers read chunks by byte offset: together they give back every line in order."""
-    from data_pipelines.builders.common import read_chunk, scan_manifest
+    from data_pipelines.builders.manifest import read_chunk, scan_manifest
 
     path = tmp_path / "m.jsonl"
     lines = [json.dumps({"i": i, "split": "validation" if i % 3 == 0 else "train"}) for i in range(7)]
@@ -297,7 +299,7 @@ def test_fast_record_decoding_equals_tfds(data):
     values as TFDS's own decoder, for records with codes, with mel and with neither."""
     import tensorflow_datasets as tfds
 
-    from data_pipelines.build import _dataset_dir, _decode_text
+    from data_pipelines.sources import _dataset_dir, _decode_text
 
     root = data["root"]
     caps = write_manifest(root / "fast_caps.jsonl", [

@@ -19,7 +19,7 @@ def test_every_flag_has_help_and_shows_its_default():
     missing = [f"{p.prog} {a.dest}" for p in walk_parsers(parser) for a in p._actions
                if not a.help and not isinstance(a, argparse._SubParsersAction)]
     assert not missing, missing
-    text = next(p for p in walk_parsers(parser) if p.prog == "ualm bench").format_help()
+    text = next(p for p in walk_parsers(parser) if p.prog == "ualm bench step").format_help()
     assert "(default: 5)" in text and "(default: tiny)" in text
     kinds = next(p for p in walk_parsers(parser) if p.prog == "ualm data build").format_help()
     assert all(k in kinds for k in ("captions ", "audio-qa ", "preference ", '"messages"'))

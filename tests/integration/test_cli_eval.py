@@ -8,7 +8,8 @@ import pytest
 
 from tiny_models import clap_dir, needs_torch  # noqa: F401  (tiny random CLAP fixture)
 from test_make_pairs import shared_tiny_run
-from ualm_jax.eval.cli_eval import add_eval_parser, format_table
+from ualm_jax.cli.eval import add_parser as add_eval_parser
+from ualm_jax.eval.generation import format_table
 
 GEN = ["--max-new", "24", "--max-audio-frames", "16"]
 
@@ -78,7 +79,7 @@ def test_train_loop_logs_generation_metrics(setup, tmp_path):
 
 
 def test_format_table_lists_skips():
-    from ualm_jax.eval.cli_eval import GenerationEval
+    from ualm_jax.eval.generation import GenerationEval
     from ualm_jax.eval.metrics import MetricResult
 
     ev = GenerationEval({"gen/fd": MetricResult(1.5, 4, "mel-stats(sr=16000,n_mels=64)")},

@@ -1,5 +1,5 @@
 """Checkpoint interop: import a tiny random HF Qwen2, export to PyTorch/HF, inspect; numbers
-checked against transformers and a PyTorch forward written from UALM.md."""
+checked against transformers and a PyTorch forward written from docs/ualm.md."""
 import json
 import os
 
@@ -86,7 +86,7 @@ def test_import_matches_transformers_and_exports_bit_exact(tmp_path, tied):
 
 
 def _torch_ualm_logits(out_dir, batch):
-    """UALM.md in PyTorch: summed stream embeddings (id 0 -> zero), adapter outputs written into
+    """docs/ualm.md in PyTorch: summed stream embeddings (id 0 -> zero), adapter outputs written into
     their slots, the Qwen2 body, and stream k reading (h + e_k) @ lm_head^T."""
     sd = {k: torch.from_numpy(v.copy()) for k, v in load_file(str(out_dir / "model.safetensors")).items()}
     ucfg = json.loads((out_dir / "ualm_config.json").read_text())
@@ -144,7 +144,7 @@ def test_trained_model_exports_to_pytorch(tmp_path):
     assert ucfg["vocab"]["size"] == vocab.size and ucfg["num_codebooks"] == 4
 
     # Same per-stream logits as the JAX model, one segment per row, with audio slots.
-    from ualm_jax.train.synthetic import stream_for_model
+    from data_pipelines.synthetic import stream_for_model
 
     batch = next(stream_for_model(cfg.model, 2, 64, seed=5))
     batch["segment_ids"] = np.ones_like(batch["segment_ids"])

@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 sf = pytest.importorskip("soundfile")
 
-from data_pipelines.demo_world import demo_data  # noqa: E402
-from data_pipelines.demo_world.demo_data import prepare_world_data  # noqa: E402
+from data_pipelines.demo import data as demo_data  # noqa: E402
+from data_pipelines.demo.data import prepare_world_data  # noqa: E402
 
 N_CLIPS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -48,7 +48,7 @@ def model(data):
 
 # Data ---------------------------------------------------------------------------------------------
 def test_prepared_datasets_open_and_count(data):
-    from data_pipelines.build import open_source
+    from data_pipelines.sources import open_source
 
     out, info = data
     assert set(info["datasets"]) == set(demo_data.DATASETS)
@@ -95,7 +95,7 @@ def test_stamp_skips_same_arguments_and_rebuilds_others(data, tmp_path, monkeypa
 
 # Reply prompts ------------------------------------------------------------------------------------
 def _training_rows(info, name, split="validation"):
-    from data_pipelines.build import open_source
+    from data_pipelines.sources import open_source
 
     src = open_source(info["datasets"][name], split)
     return [src[i] for i in range(len(src))]
@@ -104,7 +104,7 @@ def _training_rows(info, name, split="validation"):
 def _clip_of_mel(info, mel):
     """The world clip whose stored (builder) mel this is."""
     from data_pipelines.features import window_log_mels
-    from data_pipelines.demo_world.world import load_world
+    from data_pipelines.demo.world import load_world
 
     world_dir = info["world"]
     for c in load_world(world_dir)["clips"]:
@@ -119,7 +119,8 @@ def _check_prompt_is_row_minus_answer(model, rec, text, wave):
     """reply_prompts(text, wave) must be the trainer's rendering of `rec` cut right before the
     answer: same ids, the answer (then <eos>) is all that follows, and every encoder window sits
     at the same positions with the same features."""
-    from data_pipelines.grain_pipeline import AudioLayout, Renderer
+    from data_pipelines.render import Renderer
+    from ualm_jax.format.layout import AudioLayout
     from ualm_jax.format.records import from_record
     from ualm_jax.infer.tasks import reply_prompts
     from ualm_jax.format import vocab as V
@@ -170,7 +171,7 @@ def test_reply_prompts_equal_training_rendering(data, model):
 # World evaluation ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def evaluated(data, model, tmp_path_factory):
-    from ualm_jax.eval.world_eval import evaluate_world
+    from ualm_jax.eval.demo_world import evaluate_world
 
     _, info = data
     out = str(tmp_path_factory.mktemp("eval"))
@@ -183,7 +184,7 @@ def evaluated(data, model, tmp_path_factory):
 
 def test_evaluate_world_end_to_end(evaluated):
     from ualm_jax.eval.metrics import normalise_answer as normalise
-    from ualm_jax.eval.world_eval import format_world_table
+    from ualm_jax.eval.demo_world import format_world_table
 
     out, r = evaluated
     assert r["caption"]["n"] == 2 and r["audio_qa"]["n"] == 3 and r["text"]["n"] == 2

@@ -751,7 +751,8 @@ def test_elastic_resume_on_other_process_counts_trains_every_example_once(tmp_pa
     final checkpoints' per-row packer states are equal: same stream positions, same waiting
     examples), each step's loss is that run's, and the realised token shares are on target."""
     from data_pipelines.build import build
-    from data_pipelines.grain_pipeline import block_slot, make_config_iterator, realised_shares
+    from data_pipelines.grain_pipeline import make_config_iterator, realised_shares
+    from data_pipelines.packing import block_slot
     from data_pipelines.tokenizer import train_tiny_bpe
     from ualm_jax.checkpoint import read_data_state
     from ualm_jax.config import load_config

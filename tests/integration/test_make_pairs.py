@@ -10,7 +10,8 @@ import pytest
 from tiny_models import clap_dir, needs_torch  # noqa: F401  (tiny random CLAP fixture)
 from ualm_jax.checkpoint import save_params
 from ualm_jax.config import load_config
-from ualm_jax.recipes.make_pairs import add_dpo_parser, make_judge, make_pairs
+from ualm_jax.cli.dpo import add_parser as add_dpo_parser
+from ualm_jax.recipes.make_pairs import make_judge, make_pairs
 from ualm_jax.model.params import build_model, init_params
 
 GEN = dict(max_new=24, max_audio_frames=16)  # ~0.3 s clips: fast, above the builder's 0.1 s
@@ -23,7 +24,7 @@ def tiny_run(root):
 
     from data_pipelines.codecs.spectral import SpectralCodec
     from data_pipelines.tokenizer import TextTokenizer, train_tiny_bpe
-    from data_pipelines.demo_world.world import make_world
+    from data_pipelines.demo.world import make_world
 
     paths = make_world(str(root / "world"), n_clips=6, seed=0, clip_seconds=1.0, eval_fraction=0.5,
                        qa_per_clip=1, n_text=2)
@@ -114,8 +115,28 @@ def test_unknown_judge_is_a_clear_error(tmp_path):
         make_pairs(tmp_path, "p.jsonl", 1, "builtin", tmp_path)
 
 
+def test_cli_defaults_are_the_library_s():
+    """`ualm dpo make-pairs` states the judges without importing the recipe (JAX) at --help; its
+    sampling defaults are GenerationConfig's, as make_pairs' own are."""
+    import inspect
+
+    from ualm_jax.cli.dpo import JUDGE_HELP
+    from ualm_jax.infer.decode import GenerationConfig
+    from ualm_jax.recipes import make_pairs as recipe
+
+    assert JUDGE_HELP == recipe.JUDGE_HELP
+    args = _parser().parse_args(["dpo", "make-pairs", "--checkpoint", "c", "--prompts", "p",
+                                 "--samples", "2", "--judge", "builtin"])
+    lib = inspect.signature(make_pairs).parameters
+    gen = GenerationConfig()
+    assert args.cfg == lib["cfg_scale"].default == gen.cfg_scale == 3.0
+    assert args.temperature == lib["temperature"].default == gen.audio_temperature
+    assert (args.top_k, args.max_new, args.batch_size) == (
+        lib["top_k"].default, lib["max_new"].default, lib["batch_size"].default)
+
+
 def test_builtin_judge_scores_in_unit_range():
-    from data_pipelines.demo_world.world import SAMPLE_RATE
+    from data_pipelines.demo.world import SAMPLE_RATE
 
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
     tone = (0.5 * np.sin(2 * np.pi * 880 * t)).astype(np.float32)

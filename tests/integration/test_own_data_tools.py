@@ -12,9 +12,11 @@ import pytest
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("tensorflow_datasets")
 
-from data_pipelines.build import BuildError, build, build_artefacts, open_source  # noqa: E402
-from data_pipelines.builders import common  # noqa: E402
-from data_pipelines.cli_data import main  # noqa: E402
+from data_pipelines.build import BuildError, build  # noqa: E402
+
+from data_pipelines.sources import build_artefacts, open_source
+from data_pipelines.builders import manifest as common  # noqa: E402
+from ualm_jax.cli import main  # noqa: E402
 
 SR = 16000
 N_CLIPS = 12
@@ -432,7 +434,7 @@ def test_the_demo_worlds_manifests_pass_the_key_checks(own, tmp_path):
     """Every manifest the project writes (the demo world's; make-pairs' keys are above) passes
     each builder's key and structure checks (the full builds: tests/unit/test_world.py)."""
     from data_pipelines.build import make_converter
-    from data_pipelines.demo_world.world import make_world
+    from data_pipelines.demo.world import make_world
 
     paths = make_world(str(tmp_path / "w"), 6, seed=1, n_text=4)
     kinds = {"captions": "captions", "rich_captions": "captions", "audio_qa": "audio-qa",

@@ -14,11 +14,13 @@ from ualm_jax.cli import build_parser, main, parse_args
 
 
 def readme_commands() -> list[list[str]]:
-    """`ualm ...` lines of the README's ```bash blocks: continuation lines joined, comments,
-    [optional] parts and `.venv/bin/` / `$U` prefixes dropped; lines abbreviated with `...` skipped."""
-    text = (REPO / "README.md").read_text()
+    """`ualm ...` lines of the ```bash blocks of README.md and every docs/*.md page: continuation
+    lines joined, comments, [optional] parts and `.venv/bin/` / `$U` prefixes dropped; lines
+    abbreviated with `...` skipped."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s#.*$", "", line).strip()
             line = re.sub(r"\[[^\]]*\]", " ", line)

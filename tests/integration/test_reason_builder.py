@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_pipelines.build import build, open_source
+from data_pipelines.build import build
+
+from data_pipelines.sources import open_source
 from ualm_jax.format.records import from_record
 from ualm_jax.format.template import render
 from ualm_jax.format import vocab as V
@@ -76,7 +78,8 @@ def test_reason_records_follow_the_template(world):
 
 def test_mixture_renderer_supervises_reasoning_headers_only(world):
     """The Grain/SeqIO Renderer trains the modality switch of reason_* records, not of others."""
-    from data_pipelines.grain_pipeline import AudioLayout, Renderer
+    from data_pipelines.render import Renderer
+    from ualm_jax.format.layout import AudioLayout
 
     root, _ = world
     src = open_source(str(root / "out"))

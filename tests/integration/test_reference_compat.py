@@ -7,7 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from data_pipelines.grain_pipeline import AudioLayout, Renderer, make_iterator
+from data_pipelines.grain_pipeline import make_iterator
+from data_pipelines.render import Renderer
+from data_pipelines.synthetic import SyntheticStream
+from ualm_jax.cli.args import add_generation_args
+from ualm_jax.format.layout import AudioLayout
 from ualm_jax.format.records import to_record
 from ualm_jax.format.template import Segment, render
 from ualm_jax.infer import tasks
@@ -15,7 +19,6 @@ from ualm_jax.infer.decode import GenerationConfig
 from ualm_jax.infer.decode import DecodedSegment
 from ualm_jax.format import vocab as V
 from ualm_jax.format.vocab import JointVocab
-from ualm_jax.train.synthetic import SyntheticStream
 
 K = 2
 VB = JointVocab(text_vocab_size=100, num_codebooks=K, codebook_size=10)
@@ -143,7 +146,7 @@ def test_text_to_audio_uses_the_config_uncond(monkeypatch):
 
 def test_generation_flag():
     p = argparse.ArgumentParser()
-    tasks.add_generation_args(p)
+    add_generation_args(p)
     assert p.parse_args(["--checkpoint", "c"]).uncond == "ours"
     assert p.parse_args(["--checkpoint", "c", "--uncond", "reference"]).uncond == "reference"
     with pytest.raises(SystemExit):

@@ -158,7 +158,9 @@ def reference_forward(lm, batch, max_loss_interval, vocab):
 def packed_batch(cfg, seed=0):
     """Two rows, several examples each (captioning with encoder audio, text-to-audio codes, text
     QA), rendered with the reference's header supervision and packed by the trainer's packer."""
-    from data_pipelines.grain_pipeline import AudioLayout, BatchBuilder, Rendered
+    from data_pipelines.packing import BatchBuilder
+    from data_pipelines.render import Rendered
+    from ualm_jax.format.layout import AudioLayout
     from ualm_jax.format.template import Segment, render
 
     m = cfg.model
@@ -420,21 +422,30 @@ def test_exports_readable_with_cards_and_tokenizer(tmp_path):
 
 def test_inference_encoder_input_is_trainings(tmp_path):
     """Inference packs encoder windows like the trainer's packer: same features, same mel mask."""
-    from data_pipelines.grain_pipeline import AudioLayout, BatchBuilder, Rendered
-    from ualm_jax.infer.tasks import Loaded, _pack_windows
+    from data_pipelines.packing import BatchBuilder
+    from data_pipelines.render import Renderer
+    from ualm_jax.format.layout import AudioLayout
+    from ualm_jax.format.records import to_record
+    from ualm_jax.format.template import Segment
+    from ualm_jax.infer.tasks import Loaded, audio_windows, reply_inputs
 
     cfg = load_config(None, TINY)
     enc = cfg.model.audio_encoder
     m = Loaded(cfg, {}, JointVocab.from_model_config(cfg.model), None, None)
-    rng = np.random.default_rng(0)
-    windows = [rng.normal(0, 1, (n, enc.n_mels)).astype(np.float32) for n in (64, 20)]
-    feats, mask = _pack_windows(m, [windows])
+    wave = np.random.default_rng(0).normal(0, 0.1, 84 * 160).astype(np.float32)  # 64 + 20 frames
+    prompts, slots, feats, mask = reply_inputs(m, [""], [wave])
+    windows = audio_windows(m, wave)
+    assert [len(w) for w in windows] == [64, 20]
+    mel = np.concatenate(windows).astype(np.float16)  # as a builder stores it
+    rec = to_record("caption", [Segment("user", "audio", len(mel))], [mel],
+                    num_codebooks=cfg.model.num_codebooks, n_mels=enc.n_mels)
     layout = AudioLayout.of_model(cfg.model, 2)
-    b = BatchBuilder(1, 64, cfg.model.num_codebooks, layout)
-    nf = [layout.window_frames(len(w)) for w in windows]
-    b.place(Rendered(0, np.zeros((sum(nf) + 2, 4), np.int32), np.zeros((sum(nf) + 2, 4), np.float32),
-                     [(1, nf[0], windows[0]), (1 + nf[0], nf[1], windows[1])]))
+    row = Renderer(m.vocab, layout)(0, rec)
+    b = BatchBuilder(1, len(prompts[0]), cfg.model.num_codebooks, layout)
+    b.place(row)
     got = b.finish()
+    np.testing.assert_array_equal(prompts[0][:len(row)], row.tokens)
+    np.testing.assert_array_equal(slots, got["audio_slots"])
     np.testing.assert_array_equal(feats, got["audio_features"])
     np.testing.assert_array_equal(mask, got["audio_mel_mask"])
     assert not mask[0, 1, 20:].any()

@@ -6,6 +6,7 @@ import pytest
 from data_pipelines.bench_data import synthetic_records
 from data_pipelines.grain_pipeline import audio_args, make_iterator
 from data_pipelines.preference_batches import PreferenceBatches
+from data_pipelines.synthetic import stream_for_model
 from ualm_jax.config import load_config
 from ualm_jax.format.batch import (BatchContractError, BatchIterator, batch_spec, check_batch,
                                    host_batch_spec, model_batch_spec)
@@ -14,7 +15,6 @@ from ualm_jax.format.records import to_record
 from ualm_jax.format.template import Segment
 from ualm_jax.format.vocab import JointVocab
 from ualm_jax.model.params import example_batch
-from ualm_jax.train.synthetic import stream_for_model
 
 B, L = 4, 128
 

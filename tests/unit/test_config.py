@@ -84,7 +84,7 @@ def test_shipped_configs_use_the_mixture_presets(name):
     shares = target_shares(parse_mixture(cfg.data.mixture))
     if name == "ualm_gen_1.5b":
         assert shares == {"t2a": 1.0}
-    else:  # UALM.md's token blend: understanding 27.7%, t2a 33.1% (after 2x), text 39.2%
+    else:  # docs/ualm.md's token blend: understanding 27.7%, t2a 33.1% (after 2x), text 39.2%
         assert shares["caption"] + shares["audio_qa"] == pytest.approx(0.277)
         assert shares["t2a"] == pytest.approx(0.331)
         assert shares["text"] == pytest.approx(0.392)

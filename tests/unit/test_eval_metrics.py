@@ -123,7 +123,7 @@ def test_clap_score_is_mean_paired_cosine():
 
 def test_accuracy_normalisation():
     assert normalise_answer("  The Dog, barking!  ") == "the dog, barking"
-    assert normalise_answer(" The Noise  burst.") == "the noise burst"  # the demo's world_eval rule
+    assert normalise_answer(" The Noise  burst.") == "the noise burst"  # the demo world's rule
     assert normalise_answer("3 ,5, 9.") == "3, 5, 9"
     assert normalise_answer("3 + 4 = 7") != normalise_answer("3 - 4 = 7")  # arithmetic signs kept
     preds = ["The dog.", "a Cat", "bird", "an owl"]

@@ -7,8 +7,10 @@ import pytest
 
 from data_pipelines import mixture as mix
 from data_pipelines.bench_data import bench_data, record_id, synthetic_records
-from data_pipelines.grain_pipeline import (AudioLayout, Renderer, WeightedInterleave,
-                                           make_iterator, packing_efficiency, realised_shares)
+from data_pipelines.grain_pipeline import (WeightedInterleave, make_iterator, packing_efficiency,
+                                           realised_shares)
+from data_pipelines.render import Renderer
+from ualm_jax.format.layout import AudioLayout
 from ualm_jax.format.records import from_record
 from ualm_jax.format.template import render
 from ualm_jax.format import vocab as V
@@ -386,7 +388,7 @@ def test_mean_tokens_from_build_stats():
 
 
 def test_a_build_the_model_cannot_read_fails_at_start_naming_both_values(tmp_path):
-    from data_pipelines.build import REPORT_FILE
+    from data_pipelines.sources import REPORT_FILE
     from data_pipelines.grain_pipeline import make_config_iterator
     from ualm_jax.config import load_config
 

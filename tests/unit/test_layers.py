@@ -10,19 +10,17 @@ from paths import REPO
 # Bottom to top; a module may import its own layer or any lower one. The longest matching prefix
 # decides a module's layer.
 LAYERS = [
-    ("base", ["ualm_jax", "ualm_jax.storage", "ualm_jax.sigterm", "ualm_jax.cli_args"]),
-    ("config", ["ualm_jax.config", "ualm_jax.model.presets", "ualm_jax.topology"]),
+    ("base", ["ualm_jax", "ualm_jax.storage", "ualm_jax.sigterm"]),
+    ("config", ["ualm_jax.config", "ualm_jax.topology"]),
     ("format", ["ualm_jax.format"]),
     ("model", ["ualm_jax.model", "ualm_jax.sharding", "ualm_jax.distributed"]),
-    ("data", ["data_pipelines", "ualm_jax.train.synthetic"]),
+    ("data", ["data_pipelines"]),
     ("train", ["ualm_jax.train", "ualm_jax.checkpoint", "ualm_jax.convert"]),
     ("infer", ["ualm_jax.infer"]),
     ("eval", ["ualm_jax.eval"]),
-    ("tools", ["ualm_jax.recipes", "ualm_jax.demo", "ualm_jax.report", "ualm_jax.bench",
-               "ualm_jax.api",
-               "ualm_jax.bench_compile", "ualm_jax.describe",
-               "data_pipelines.demo_world.demo_data"]),
-    ("cli", ["ualm_jax.cli", "data_pipelines.cli_data"]),
+    ("tools", ["ualm_jax.recipes", "ualm_jax.demo", "ualm_jax.report", "ualm_jax.tools",
+               "ualm_jax.api"]),
+    ("cli", ["ualm_jax.cli"]),
 ]
 PACKAGES = ("ualm_jax", "data_pipelines")
 # The package's front door may hand out the top-level Python API (imported on first use).

@@ -10,10 +10,11 @@ tf = pytest.importorskip("tensorflow")
 
 from data_pipelines import seqio_tasks as st  # noqa: E402
 from data_pipelines.bench_data import synthetic_records  # noqa: E402
-from data_pipelines.grain_pipeline import (AudioLayout, KeyedUniform, Renderer,  # noqa: E402
-                                           make_iterator, task_dataset)
+from data_pipelines.grain_pipeline import make_iterator, task_dataset  # noqa: E402
+from data_pipelines.render import KeyedUniform, Renderer  # noqa: E402
 from data_pipelines.seqio_pipeline import SeqioPackedIterator  # noqa: E402
 from ualm_jax.format import vocab as V  # noqa: E402
+from ualm_jax.format.layout import AudioLayout  # noqa: E402
 from ualm_jax.format.records import ROLE_IDS  # noqa: E402
 from ualm_jax.format.vocab import JointVocab  # noqa: E402
 

@@ -13,8 +13,8 @@ import pytest
 
 sf = pytest.importorskip("soundfile")
 
-from data_pipelines.demo_world import analyser as A  # noqa: E402
-from data_pipelines.demo_world.world import (MIN_GAP, NUMBER_WORDS, Event, load_world,  # noqa: E402
+from data_pipelines.demo import analyser as A  # noqa: E402
+from data_pipelines.demo.world import (MIN_GAP, NUMBER_WORDS, Event, load_world,  # noqa: E402
                                   make_world)
 
 N_CLIPS = 60
@@ -160,7 +160,8 @@ def test_speech_clips_with_and_without_espeak(tmp_path, monkeypatch):
 # Builders -----------------------------------------------------------------------------------------
 def test_real_builders_accept_every_manifest(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    from data_pipelines.build import build, open_source
+    from data_pipelines.build import build
+    from data_pipelines.sources import open_source
     from data_pipelines.codecs import SpectralCodec
     from ualm_jax.format.records import from_record
     from data_pipelines.tokenizer import TextTokenizer, train_tiny_bpe

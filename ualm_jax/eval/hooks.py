@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ualm_jax.config import Config
 from ualm_jax.train.metrics import AUDIO_KEY
-from ualm_jax.eval.cli_eval import generation_eval, make_clap, make_fd_embedder
+from ualm_jax.eval.generation import generation_eval, make_clap, make_fd_embedder
 from ualm_jax.infer.prompts import read_prompts
 from ualm_jax.infer.tasks import from_params, inference_mesh, set_params
 

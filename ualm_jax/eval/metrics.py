@@ -168,7 +168,7 @@ _NOT_ANSWER = re.compile(r"[^\w\s,+\-=]")
 
 
 def normalise_answer(text: str) -> str:
-    """The one answer normaliser (accuracy here, the demo's world_eval): lower case; punctuation
+    """The one answer normaliser (accuracy here, the demo world's eval in eval/demo_world.py): lower case; punctuation
     other than `, + - =` (which carry meaning in arithmetic and list answers) becomes a space;
     commas are written "a, b"; whitespace is collapsed. Articles are kept.
     '  The Noise  burst.' -> 'the noise burst'; '3 ,5, 9.' -> '3, 5, 9'."""

@@ -3,10 +3,11 @@ encoder-frame arithmetic (mel frames -> encoder positions -> slot numbers) that 
 packer, the synthetic stream, inference prompts and the batch contract share.
 
 A clip is one encoder window of `mel_frames` log-mel frames (3000 = 30 s at a 10 ms hop); longer
-audio takes several windows. The encoder's stride-2 conv gives ceil(n/2) frames (kernel 3,
-padding 1), then average pooling by `pool` (floor): 3000 -> 1500 -> 750 with pool 2 (25 frames/s,
-AF-Whisper / Audio Flamingo 3's audio-token count). Slot c * frames_per_window + j is frame j of
-the row's clip c.
+audio takes several windows, cut by `AudioLayout.windows` (the one rule every producer follows: a
+tail too short to give an encoder frame is dropped). The encoder's stride-2 conv gives ceil(n/2)
+frames (kernel 3, padding 1), then average pooling by `pool` (floor): 3000 -> 1500 -> 750 with
+pool 2 (25 frames/s, AF-Whisper / Audio Flamingo 3's audio-token count). Slot
+c * frames_per_window + j is frame j of the row's clip c.
 """
 from __future__ import annotations
 
@@ -53,10 +54,22 @@ class AudioLayout:
         """Encoder positions one window of n_mel valid mel frames gives."""
         return encoder_positions(n_mel, self.pool)
 
+    def windows(self, mel) -> list:
+        """The one windowing rule: mel [n, n_mels] -> its encoder windows, consecutive slices of
+        mel_frames frames (the last one shorter), keeping only those that give at least one
+        encoder frame (a tail too short to give one is dropped). `mel` may be anything sliced
+        along frames: `windows(range(n))` gives the windows of n frames without the mel."""
+        t = self.mel_frames
+        return [mel[s:s + t] for s in range(0, len(mel), t)
+                if self.window_frames(min(t, len(mel) - s))]
+
+    def window_lengths(self, n_mel: int) -> list:
+        """Valid mel frames of each encoder window of an n_mel-frame mel (see windows)."""
+        return [len(w) for w in self.windows(range(int(n_mel)))]
+
     def frames_of(self, n_mel: int) -> int:
         """Sequence positions of an encoder segment of n_mel frames, summed over its windows."""
-        t = self.mel_frames
-        return sum(self.window_frames(min(t, n_mel - s)) for s in range(0, int(n_mel), t))
+        return sum(self.window_frames(n) for n in self.window_lengths(n_mel))
 
     def slot(self, clip: int, frame: int) -> int:
         """The audio_slots value of encoder frame `frame` of the row's clip `clip`."""

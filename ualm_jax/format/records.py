@@ -17,7 +17,8 @@ Fields:
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -94,3 +95,23 @@ def from_record(rec: dict, frames_of=None) -> tuple[str, list[Segment], list[np.
             mels.append(m)
             segments.append(Segment(role, mod, int(frames_of(n) if frames_of else n)))
     return task, segments, mels
+
+
+def _side(rec: dict, side: str) -> dict:
+    if side in rec:
+        return rec[side]
+    prefix = side + "/"
+    return {k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)}
+
+
+def from_preference_record(rec: dict, frames_of=None) -> tuple:
+    """-> (chosen, rejected, ref_logps): each side `from_record`'s (task, segments, mels);
+    ref_logps = (chosen, rejected) floats, or None when the pair was stored without them.
+    Takes the nested record `open_source` gives or a flat one with `chosen/...` keys."""
+    chosen = from_record(_side(rec, "chosen"), frames_of)
+    rejected = from_record(_side(rec, "rejected"), frames_of)
+    logps: Optional[tuple] = None
+    c, r = rec.get("ref_logp_chosen"), rec.get("ref_logp_rejected")
+    if c is not None and r is not None and not (math.isnan(float(c)) or math.isnan(float(r))):
+        logps = (float(c), float(r))
+    return chosen, rejected, logps

@@ -4,7 +4,7 @@
 
 `<eot>` closes a segment when the next segment has the same role (a turn that continues in another
 modality), otherwise `<eos>`. Conventions of every producer of the batch contract
-(`ualm_jax/format/batch.py`; the synthetic stream follows them too):
+(`ualm_jax/format/batch.py`; every producer renders through `render` below):
   * tokens [L, K] int32: text/special ids in stream 0 (other streams 0); at audio positions stream k
     holds codebook k's joint ids, delayed by k frames (T frames -> T+K-1 positions, ramp = pad ids).
   * loss_weights [L, K] float32 sit ON THE TARGET token (the weight of predicting tokens[t] from t-1):
@@ -29,7 +29,7 @@ from ualm_jax.format.vocab import JointVocab
 ROLES = {"system": V.SYSTEM, "user": V.USER, "assistant": V.ASSISTANT}
 MODALITIES = {"text": V.TEXT, "audio": V.AUDIO, "speech": V.SPEECH}
 
-# Task prompts (UALM.md): plain text in the user turn.
+# Task prompts (docs/ualm.md): plain text in the user turn.
 TEXT_TO_AUDIO_PROMPT = "<|text to audio|> Generate audio for this caption. {caption}"
 AUDIO_TO_CAPTION_PROMPT = "<|audio to caption|> Generate caption for this audio."
 

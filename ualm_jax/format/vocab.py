@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Special token ids (UALM.md). 9..num_special-1 are unused.
+# Special token ids (docs/ualm.md). 9..num_special-1 are unused.
 PAD, BOS, EOS, EOT, SYSTEM, USER, ASSISTANT, TEXT, AUDIO, SPEECH = range(10)
 SPECIAL_NAMES = {PAD: "<pad>", BOS: "<bos>", EOS: "<eos>", EOT: "<eot>", SYSTEM: "<system>",
                  USER: "<user>", ASSISTANT: "<assistant>", TEXT: "<text>", AUDIO: "<audio>",

@@ -32,6 +32,7 @@ from ualm_jax.format import vocab as V
 from ualm_jax.format.delay import revert_delay
 from ualm_jax.format.vocab import JointVocab, vocab_of
 from ualm_jax.infer import sampling as S
+from ualm_jax.infer.generation_config import GenerationConfig
 from ualm_jax.model.params import example_batch, param_shardings
 from ualm_jax.model.ualm import UALM
 from ualm_jax.sharding import activation_sharding, batch_sharding, logical_to_spec
@@ -40,21 +41,6 @@ PREFILL_BUCKET = 32
 # Row phases (the device state machine's integers; RowState.phase names them on the host).
 MODALITY, TEXT, AUDIO, CLOSER, ROLE, DONE = range(6)
 PHASES = ("modality", "text", "audio", "closer", "role", "done")
-
-
-@dataclass
-class GenerationConfig:
-    max_new: int = 256  # positions per row
-    max_audio_frames: int = 500  # a clip is ended (ramp forced) after this many frames
-    text_temperature: float = 0.0  # greedy text
-    audio_temperature: float = 0.8
-    top_k: int = 20  # audio; text uses top_k only when sampled
-    cfg_scale: float = 1.0  # UALM form: lambda*cond + (1-lambda)*uncond; 1 = no guidance
-    # The unconditional prompt (infer/tasks.py): ours = pad before `<assistant>`, header kept, as
-    # CFG dropout trains; reference = pad through `<assistant>`, only `<audio>` kept.
-    uncond: str = "ours"
-    seed: int = 0
-    batch: int = 16  # prompts per decode batch (tasks.in_batches); outputs do not depend on it
 
 
 @dataclass

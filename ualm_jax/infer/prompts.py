@@ -14,25 +14,58 @@ from ualm_jax.infer.tasks import text_to_audio
 
 
 # Prompts ------------------------------------------------------------------------------------------
-def read_prompts(path: str | os.PathLike) -> list[dict]:
-    """JSON lines with at least {"prompt": text}; blank lines are ignored, bad ones raise."""
+def read_prompts(path: str | os.PathLike, need: str = "prompt", out_name: str | None = None,
+                 out_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The JSON lines of a prompts file, one object per line; blank lines are skipped, each row
+    keeps its line number as `_line`. Every line needs a non-empty `need` string ("prompt", or
+    "audio" for captioning); an `audio` path relative to the file is resolved against its folder.
+    With `out_name` (e.g. "sample_{:04d}.wav", numbered by row) each row's `out` (default
+    out_name) is resolved inside `out_dir`, else inside the file's folder; an absolute `out`, one
+    that leaves that folder and two rows writing one file are refused. Errors name file and line."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
-    rows = []
+    here = Path(path).parent
+    base = Path(out_dir) if out_dir else here
+    rows, seen = [], {}
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{n}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                or not row["prompt"].strip():
-            raise ValueError(f"{path}:{n}: each line needs a non-empty \"prompt\" string")
+            raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if not isinstance(row.get(need), str) or not row[need].strip():
+            raise ValueError(f"{where}: needs a {need!r} string (non-empty)")
+        if isinstance(row.get("audio"), str) and not os.path.isabs(row["audio"]):
+            row["audio"] = str(here / row["audio"])
+        if out_name is not None:
+            row["out"] = str(base / _out_path(row.get("out", out_name.format(len(rows))), where,
+                                              base, seen, n))
         rows.append({**row, "_line": n})
     if not rows:
         raise ValueError(f"{path} holds no prompts")
     return rows
+
+
+def _out_path(out, where: str, base: Path, seen: dict, n: int) -> str:
+    """A row's `out`, normalised; refused when it is not a relative path inside `base` or when an
+    earlier row (seen: path -> line) writes it too."""
+    if not isinstance(out, str) or not out.strip():
+        raise ValueError(f"{where}: out={out!r} must be a non-empty file name")
+    norm = os.path.normpath(out)
+    if os.path.isabs(out):
+        raise ValueError(f"{where}: out={out!r} is absolute; give a path inside {base} "
+                         "(the --out-dir, default the prompts file's folder)")
+    if norm in (".", "..") or norm.startswith(".." + os.sep):
+        raise ValueError(f"{where}: out={out!r} leaves {base} (the --out-dir, default the "
+                         "prompts file's folder)")
+    if norm in seen:
+        raise ValueError(f"{where}: out={out!r} is also written by line {seen[norm]}")
+    seen[norm] = n
+    return norm
 
 
 # Generation ---------------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ualm_jax.checkpoint import load_params, resolve
-from ualm_jax.cli_args import add_overrides
 from ualm_jax.config import ConfigError, load_config
 from ualm_jax.train.rundir import check_same_model
 from ualm_jax.infer.decode import GenerationConfig, Generator, audio_codes, generate
+from ualm_jax.infer.generation_config import UNCOND
 from ualm_jax.format import vocab as V
-from ualm_jax.format.layout import AudioLayout, encoder_positions
+from ualm_jax.format.layout import AudioLayout
 from ualm_jax.format.vocab import JointVocab, vocab_of
 from ualm_jax.sharding import batch_shard_count
 
@@ -44,7 +44,6 @@ class Loaded:
 
 
 LEN_BUCKET = 64
-UNCOND = ("ours", "reference")  # GenerationConfig.uncond / --uncond
 
 
 def inference_mesh(cfg):
@@ -117,28 +116,6 @@ def load(checkpoint: str | Path, tokenizer: str | None = None, codec: str | None
     m = from_params(cfg, params, mesh, rules, tokenizer, codec)
     m.checkpoint, m.step = str(checkpoint), int(step)
     return m
-
-
-def add_generation_args(p, sampling: bool = True) -> None:
-    """The flags `ualm generate`, `ualm eval` and `ualm dpo make-pairs` share."""
-    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a step dir")
-    p.add_argument("--cfg", type=float, default=3.0, help="UALM guidance lambda (1 = off)")
-    p.add_argument("--uncond", default="ours", choices=UNCOND,
-                   help="unconditional prompt for guidance: ours = pad before <assistant>, "
-                   "<assistant><audio> kept (what CFG dropout trains); reference = the authors' "
-                   "code: pad through <assistant>, only <audio> kept")
-    if sampling:
-        p.add_argument("--top-k", type=int, default=20, help="audio sampling: the k most likely codes")
-        p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
-    p.add_argument("--max-new", type=int, default=256, help="decode positions per output")
-    p.add_argument("--max-audio-frames", type=int, default=500,
-                   help="stop an audio output after this many codec frames")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (outputs repeat with it)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="prompts per decode batch (outputs do not depend on it)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: data.tokenizer of the run)")
-    p.add_argument("--codec", help="codec dir (default: data.codec of the run)")
-    add_overrides(p)
 
 
 def from_params(cfg, params, mesh=None, rules=None, tokenizer: str | None = None,
@@ -218,36 +195,19 @@ def _text_to_audio(m: Loaded, captions: list[str], gen_cfg: GenerationConfig, ui
     return [audio_codes(segs[0], m.vocab) for segs in out]
 
 
-def audio_windows(m: Loaded, wave: np.ndarray) -> list[np.ndarray]:
-    """One 16 kHz clip -> the mel windows training feeds the encoder for it, bit for bit: the
-    builder's stored mel (valid frames of Whisper-padded 30 s windows, rounded to float16), cut
-    into windows of max_mel_frames as the grain Renderer does (windows giving no encoder frame
-    dropped)."""
+def _stored_mel(m: Loaded, wave: np.ndarray) -> np.ndarray:
+    """One 16 kHz clip -> the mel a builder stores for it: the valid frames of Whisper-padded
+    30 s windows, rounded to float16 (as stored), [n, n_mels] float32."""
     from data_pipelines.features import window_log_mels
 
-    enc = m.cfg.model.audio_encoder
-    mels, mask = window_log_mels(np.asarray(wave, np.float32), enc.n_mels)
-    mel = mels[mask].astype(np.float16).astype(np.float32)
-    t = enc.max_mel_frames
-    return [mel[s:s + t] for s in range(0, len(mel), t) if _window_frames(m, len(mel[s:s + t]))]
+    mels, mask = window_log_mels(np.asarray(wave, np.float32), m.cfg.model.audio_encoder.n_mels)
+    return mels[mask].astype(np.float16).astype(np.float32)
 
 
-def _window_frames(m: Loaded, n_mel: int) -> int:
-    return encoder_positions(n_mel, m.cfg.model.audio_encoder.pool)
-
-
-def _pack_windows(m: Loaded, windows: list[list[np.ndarray]]):
-    """(features, mel mask) laid out as the trainer's packer lays out clip slots (BatchBuilder):
-    each window at the start of its slot, zeros after it, mask True on its frames only."""
-    enc = m.cfg.model.audio_encoder
-    most = max([1] + [len(ws) for ws in windows])
-    feats = np.zeros((len(windows), most, enc.max_mel_frames, enc.n_mels), np.float32)
-    mask = np.zeros(feats.shape[:3], bool)
-    for i, ws in enumerate(windows):
-        for c, x in enumerate(ws):
-            feats[i, c, :len(x)] = x
-            mask[i, c, :len(x)] = True
-    return feats, mask
+def audio_windows(m: Loaded, wave: np.ndarray) -> list[np.ndarray]:
+    """One 16 kHz clip -> the mel windows training feeds the encoder for it, bit for bit: the
+    builder's stored mel cut by the one windowing rule (AudioLayout.windows)."""
+    return AudioLayout.of_model(m.cfg.model, 1).windows(_stored_mel(m, wave))
 
 
 def reply_prompts(m: Loaded, texts: list[str], waves: list):
@@ -260,7 +220,10 @@ def reply_inputs(m: Loaded, texts: list[str], waves: list):
     its audio when given, then `<assistant><text>`, rendered by the training template (the layout
     of audio-QA, text-SFT and captioning rows). -> (prompts [L_i, K], audio_slots [B, L_max] or
     None, audio_features [B, F, T_mel, n_mels] or None, audio_mel_mask [B, F, T_mel] or None);
-    slot c * frames_per_window + j is frame j of window c, as the trainer's packer numbers them."""
+    slot c * frames_per_window + j is frame j of window c: each prompt is one row of the trainer's
+    packer (BatchBuilder), its clips cut and numbered exactly as in training."""
+    from data_pipelines.packing import BatchBuilder
+    from data_pipelines.render import Rendered, encoder_clips
     from ualm_jax.format.template import Segment
 
     if len(texts) != len(waves):
@@ -270,31 +233,27 @@ def reply_inputs(m: Loaded, texts: list[str], waves: list):
         raise ConfigError("this model has no audio encoder (model.audio_encoder.enabled=false)")
     k = max(m.cfg.model.num_codebooks, 1)
     layout = AudioLayout.of_model(m.cfg.model, 1)
-    prompts, slots, windows = [], [], []
+    rows = []
     for text, wave in zip(texts, waves):
         segs = [Segment("user", "text", m.tokenizer.encode(text.strip()))] if text.strip() else []
-        ws = [] if wave is None else audio_windows(m, wave)
-        if wave is not None:
-            segs.append(Segment("user", "audio", sum(_window_frames(m, len(x)) for x in ws)))
+        mels = [] if wave is None else [_stored_mel(m, wave)]
+        segs += [Segment("user", "audio", layout.frames_of(len(mel))) for mel in mels]
         if not segs:
             raise ValueError("a reply prompt needs text or audio")
         ex = _render(segs, m)
         p = np.concatenate([ex.tokens, _header(k, V.ASSISTANT, V.TEXT)])
-        s = np.full(len(p), -1, np.int32)
-        for start, _ in ex.audio_input_frames:
-            for c, x in enumerate(ws):
-                nf = _window_frames(m, len(x))
-                s[start:start + nf] = layout.slot(c, np.arange(nf))
-                start += nf
-        prompts.append(p)
-        slots.append(s)
-        windows.append(ws)
-    if not any(windows):
+        # A prompt carries no loss: zero weights only fill the packer's row.
+        rows.append(Rendered(0, p, np.zeros(p.shape, np.float32),
+                             encoder_clips(ex.audio_input_frames, mels, layout)))
+    prompts = [e.tokens for e in rows]
+    if not any(e.clips for e in rows):
         return prompts, None, None, None
-    slot_arr = np.full((len(prompts), max(len(p) for p in prompts)), -1, np.int32)
-    for i, s in enumerate(slots):
-        slot_arr[i, : len(s)] = s
-    return (prompts, slot_arr) + _pack_windows(m, windows)
+    clip_slots = AudioLayout.of_model(m.cfg.model, max(len(e.clips) for e in rows))
+    b = BatchBuilder(len(rows), max(len(e) for e in rows), k, clip_slots)
+    for r, e in enumerate(rows):
+        placed = b.place(e, row=r)
+        assert placed, "an empty row sized to the longest prompt holds every prompt"
+    return prompts, b.slots, b.features, b.mel_mask
 
 
 def _reply(m: Loaded, texts: list[str], waves: list, gen_cfg: GenerationConfig,

@@ -1,6 +1,6 @@
 """`ualm dpo make-pairs`: DPO preference pairs from a checkpoint's own samples, ranked by a judge.
 
-UALM.md ("DPO for generation"): sample the model N times per prompt, score every sample against
+docs/ualm.md ("DPO for generation"): sample the model N times per prompt, score every sample against
 its prompt, keep the best and the worst as (chosen, rejected) when their scores differ by at least
 `threshold`. Output folder OUT:
   OUT/audio/<pid>_s<j>.wav     the chosen and rejected samples (float WAV at the codec's rate)
@@ -14,7 +14,7 @@ Then `ualm data build preference --manifest OUT/pairs.jsonl --out D --tokenizer 
 `min_seconds` (the builder's own minimum), when best and worst tie, or when the gap is below
 `threshold`; each case is listed with its reason.
 
-Judges (`make_judge`): "builtin" = the procedural world's DSP judge (data_pipelines.demo_world.analyser.judge,
+Judges (`make_judge`): "builtin" = the procedural world's DSP judge (data_pipelines.demo.analyser.judge,
 score in [0, 1]); "clap:DIR" = cosine of a local transformers CLAP model's audio and caption
 embeddings (in [-1, 1]).
 """
@@ -35,17 +35,18 @@ from ualm_jax.infer.prompts import Synthesizer, derive_seed, read_prompts  # noq
 REPORT_FILE = "make_pairs_report.json"
 MANIFEST_FILE = "pairs.jsonl"
 CHOSEN_FILE = "chosen.jsonl"
+_GEN = GenerationConfig()  # the sampling defaults `ualm generate` and the Python API use
 
 
 # Judges -------------------------------------------------------------------------------------------
 class BuiltinJudge:
     """The procedural world's judge: caption_match of what the DSP analyser hears, in [0, 1]."""
 
-    name = "builtin:world-analyser(data_pipelines.demo_world.analyser)"
+    name = "builtin:world-analyser(data_pipelines.demo.analyser)"
 
     def score(self, waves, sr: int, captions) -> np.ndarray:
-        from data_pipelines.demo_world.analyser import judge
-        from data_pipelines.demo_world.world import SAMPLE_RATE
+        from data_pipelines.demo.analyser import judge
+        from data_pipelines.demo.world import SAMPLE_RATE
         from data_pipelines.features import resample, to_mono
 
         # The analyser's thresholds assume the world's rate; loudness is part of the caption,
@@ -70,7 +71,7 @@ class ClapJudge:
         return np.array([clap_score(a[i:i + 1], t[i:i + 1]) for i in range(len(waves))])
 
 
-JUDGE_HELP = ("'builtin' (the procedural world's DSP judge, data_pipelines.demo_world.analyser) or "
+JUDGE_HELP = ("'builtin' (the procedural world's DSP judge, data_pipelines.demo.analyser) or "
               "'clap:DIR' (a local transformers CLAP model directory)")
 
 
@@ -123,10 +124,12 @@ def _mean(xs) -> float | None:
 
 
 def make_pairs(checkpoint, prompts_file, samples: int, judge, out_dir, threshold: float = 0.1,
-               cfg_scale: float = 3.0, seed: int = 0, *, tokenizer=None, codec=None,
-               max_new: int = 256, max_audio_frames: int = 500, temperature: float = 0.8,
-               top_k: int = 20, batch_size: int = 16, min_seconds: float = 0.1,
-               loaded=None, uncond: str = "ours", overrides=()) -> dict:
+               cfg_scale: float = _GEN.cfg_scale, seed: int = _GEN.seed, *, tokenizer=None,
+               codec=None, max_new: int = _GEN.max_new,
+               max_audio_frames: int = _GEN.max_audio_frames,
+               temperature: float = _GEN.audio_temperature, top_k: int = _GEN.top_k,
+               batch_size: int = _GEN.batch, min_seconds: float = 0.1, loaded=None,
+               uncond: str = _GEN.uncond, overrides=()) -> dict:
     """Sample `samples` clips per prompt, judge them, write pairs; -> the report (also in
     OUT/make_pairs_report.json). `loaded` (a tasks.Loaded) skips loading `checkpoint`."""
     import soundfile as sf
@@ -224,50 +227,3 @@ def make_pairs(checkpoint, prompts_file, samples: int, judge, out_dir, threshold
     if is_main():
         (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-# CLI ----------------------------------------------------------------------------------------------
-def make_pairs_command(args) -> int:
-    from ualm_jax.distributed import maybe_initialize
-
-    maybe_initialize()  # a multi-host job: every host generates, each judges its own prompts
-    report = make_pairs(args.checkpoint, args.prompts, args.samples, args.judge, args.out,
-                        threshold=args.threshold, cfg_scale=args.cfg, seed=args.seed,
-                        tokenizer=args.tokenizer, codec=args.codec, max_new=args.max_new,
-                        max_audio_frames=args.max_audio_frames, temperature=args.temperature,
-                        top_k=args.top_k, batch_size=args.batch_size, min_seconds=args.min_seconds,
-                        uncond=args.uncond, overrides=args.overrides)
-    if not is_main():  # process 0 merged and reports
-        return 0
-    reasons = ", ".join(f"{k} {n}" for k, n in report["skipped_by_reason"].items())
-    print(f"make-pairs: {report['prompts']} prompts x {report['samples_per_prompt']} samples -> "
-          f"{report['pairs']} pairs, {report['skipped']} skipped{f' ({reasons})' if reasons else ''}"
-          f"; judge {report['judge']}")
-    print(f"report: {Path(args.out) / REPORT_FILE}")
-    print(f"next: {report['build_command']}")
-    return 0
-
-
-def add_dpo_parser(sub):
-    """Adds `dpo make-pairs` to an argparse subparsers object; returns the `dpo` parser."""
-    from ualm_jax.infer.tasks import add_generation_args
-
-    d = sub.add_parser("dpo", help="DPO data: preference pairs from a model's own samples")
-    dsub = d.add_subparsers(dest="dpo_command", required=True)
-    p = dsub.add_parser(
-        "make-pairs", help="sample N clips per prompt, judge them, keep best/worst as a pair",
-        description="Writes OUT/pairs.jsonl (for `ualm data build preference`), OUT/chosen.jsonl "
-                    "(captions manifest of the winners, for the adaptation SFT), the wavs and "
-                    "OUT/make_pairs_report.json. Guidance follows UALM: logits = cfg*cond + "
-                    "(1-cfg)*uncond (--cfg 3.0 = s 2 in the c + s*(c-u) convention; 1 = off).")
-    p.add_argument("--prompts", required=True, help="JSON lines with at least {\"prompt\": text}")
-    p.add_argument("--samples", type=int, required=True, help="samples per prompt (>= 2)")
-    p.add_argument("--judge", required=True, help=JUDGE_HELP)
-    p.add_argument("--threshold", type=float, default=0.1,
-                   help="keep a pair only when best - worst score >= this (ties never)")
-    p.add_argument("--out", default="dpo_pairs", help="output folder")
-    add_generation_args(p)
-    p.add_argument("--min-seconds", type=float, default=0.1,
-                   help="shorter samples are not paired (the preference builder's minimum)")
-    p.set_defaults(func=make_pairs_command)
-    return d

@@ -8,10 +8,10 @@ import threading
 import jax
 
 import ualm_jax.storage as storage
+from data_pipelines.synthetic import TASKS, stream_for_model
 from ualm_jax.distributed import allgather_json
 from ualm_jax.format.batch import BatchIterator, check_batch
 from ualm_jax.sharding import batch_sharding
-from ualm_jax.train.synthetic import TASKS, stream_for_model
 
 
 def make_train_iterator(cfg):
@@ -45,7 +45,7 @@ def _make_iterator(cfg, split: str):
 
 
 def _preference_iterator(cfg, split):
-    from data_pipelines.build import check_build_matches_model, open_source
+    from data_pipelines.sources import check_build_matches_model, open_source
     from data_pipelines.preference_batches import PreferenceBatches
     from data_pipelines.staging import local_build_dir
     from ualm_jax.format.vocab import JointVocab
@@ -76,7 +76,7 @@ def adopt_build_artefacts(cfg) -> list[str]:
     config.yaml records them and `ualm generate/eval/dpo make-pairs` on the run need neither
     --tokenizer nor --codec. Builds made with different tokenizers or codecs are refused.
     Returns one note per key set."""
-    from data_pipelines.build import build_artefacts
+    from data_pipelines.sources import build_artefacts
     from data_pipelines.mixture import parse_mixture
     from data_pipelines.staging import local_build_dir
 
@@ -114,7 +114,7 @@ def adopt_build_artefacts(cfg) -> list[str]:
 def reads_encoder_audio(cfg) -> bool:
     """Whether the run's data feeds clips to the audio encoder (a build of captioning, audio QA
     or reasoning records; the synthetic stream's captioning task). Remote builds count as yes."""
-    from data_pipelines.build import build_settings
+    from data_pipelines.sources import build_settings
     from data_pipelines.mixture import parse_mixture
 
     d = cfg.data

@@ -1,4 +1,4 @@
-"""Direct preference optimisation for generation (UALM.md: DPO with an added CE term).
+"""Direct preference optimisation for generation (docs/ualm.md: DPO with an added CE term).
 
 A DPO batch stacks B chosen then B rejected sequences (same prompts) in the ordinary batch
 format; a sequence's log-prob is minus its weighted CE over supervised targets (the same weights

@@ -138,7 +138,7 @@ def _prepare(out_dir: str, args: dict) -> dict:
     from data_pipelines.build import build
     from data_pipelines.codecs import SpectralCodec
     from data_pipelines.tokenizer import TextTokenizer, train_tiny_bpe
-    from data_pipelines.demo_world.world import load_world, make_world
+    from data_pipelines.demo.world import load_world, make_world
 
     import tensorflow_datasets as tfds
 

@@ -5,7 +5,7 @@ caption: the built-in judge for DPO pairs and a generation metric that needs no 
     caption_match(events, "a loud high tone then three clicks")   # 1.0 when everything matches
     judge(wave, caption)                    # the same score straight from audio, in [0, 1]
 
-How (data_pipelines/demo_world/world.py defines the vocabulary):
+How (data_pipelines/demo/world.py defines the vocabulary):
   1. segmentation: 10 ms RMS envelope, threshold relative to the loudest frame and the noise floor;
      active runs closer than MERGE_GAP are one event (a click train stays one event; world events
      sit >= 0.3 s apart). Runs shorter than MIN_EVENT are dropped as specks.
@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from data_pipelines.demo_world.world import (CLICK_COUNTS, LEVEL_DB, NUMBER_WORDS, PITCH_HZ, SAMPLE_RATE,
+from data_pipelines.demo.world import (CLICK_COUNTS, LEVEL_DB, NUMBER_WORDS, PITCH_HZ, SAMPLE_RATE,
                                   Event)
 
 HOP = 160             # 10 ms frames
@@ -153,7 +153,7 @@ def _classify(f: dict, a: int, b: int) -> Event:
 
 
 def analyse(wave: np.ndarray, sr: int = SAMPLE_RATE) -> list:
-    """The events of a clip, in time order (data_pipelines.demo_world.world.Event)."""
+    """The events of a clip, in time order (data_pipelines.demo.world.Event)."""
     from data_pipelines.features import resample, to_mono
 
     wave = resample(to_mono(np.asarray(wave, np.float32)), sr, SAMPLE_RATE).astype(np.float64)

@@ -1,6 +1,6 @@
-"""`ualm eval`: generate audio for a prompts file and score it; the same numbers as a train hook.
+"""Generation metrics: audio generated for a prompts file and scored, for `ualm eval`
+(ualm_jax/cli/eval.py) and the train loop's eval hook (the same numbers).
 
-    ualm eval --checkpoint RUN --prompts world/prompts.jsonl --clap CLAP_DIR --fd-model mel-stats
 Prompts: JSON lines {"prompt", "reference"?: audio path relative to the prompts file,
 "events"?: the world's event dicts} (the world's prompts.jsonl has all three). Metrics, each
 naming the model that produced it; one whose model or data is missing is skipped and said so:
@@ -9,14 +9,12 @@ naming the model that produced it; one whose model or data is missing is skipped
   gen/world_match  share of clips whose analysed events strictly match the prompt (world prompts,
                    i.e. lines with "events"; caption_match strict, as the demo's t2a "match")
   gen/world_judge  mean analyser.judge score against the prompt (the make-pairs builtin judge)
-The maths is ualm_jax.eval (evaluate_generation) and data_pipelines.demo_world.analyser; this module only
+The maths is ualm_jax.eval (evaluate_generation) and data_pipelines.demo.analyser; this module only
 generates, loads references and reports. The train loop calls generation_eval (eval.prompts).
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +22,11 @@ import numpy as np
 
 import ualm_jax.storage as storage
 from ualm_jax.eval.metrics import MetricResult
+from ualm_jax.infer.generation_config import GenerationConfig
 
-WORLD_JUDGE = "world-analyser(data_pipelines.demo_world.analyser, DSP)"
+WORLD_JUDGE = "world-analyser(data_pipelines.demo.analyser, DSP)"
 METRICS_FILE = "eval_metrics.json"
+_GEN = GenerationConfig()  # the sampling defaults `ualm generate` and the Python API use
 
 
 @dataclass
@@ -67,9 +67,10 @@ def make_clap(path: str | None):
 
 
 def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=None,
-                    cfg_scale: float = 3.0, max_prompts: int | None = None, seed: int = 0, *,
-                    max_new: int = 256, max_audio_frames: int = 500, batch_size: int = 16,
-                    out_dir=None, uncond: str = "ours") -> GenerationEval:
+                    cfg_scale: float = _GEN.cfg_scale, max_prompts: int | None = None,
+                    seed: int = _GEN.seed, *, max_new: int = _GEN.max_new,
+                    max_audio_frames: int = _GEN.max_audio_frames, batch_size: int = _GEN.batch,
+                    out_dir=None, uncond: str = _GEN.uncond) -> GenerationEval:
     """Generate one clip per prompt (m: tasks.Loaded) and compute every metric that can be.
 
     On several processes every one generates every batch (one program over all devices), then
@@ -79,7 +80,6 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
     from data_pipelines.features import load_audio
     from ualm_jax.distributed import allgather_json, owns
     from ualm_jax.eval.generation_eval import clip_features, merge_features
-    from ualm_jax.infer.decode import GenerationConfig
     from ualm_jax.infer.prompts import Synthesizer
 
     prompts = list(prompts)[:max_prompts] if max_prompts else list(prompts)
@@ -123,7 +123,7 @@ def generation_eval(m, prompts: list[dict], base_dir, clap=None, fd_embedder=Non
                          embedder=fd, clap=clap)
     world = [(i, prompts[i]) for i in mine if prompts[i].get("events") is not None]
     if world:
-        from data_pipelines.demo_world.analyser import score_caption
+        from data_pipelines.demo.analyser import score_caption
 
         # Against the prompt text, not the reference's events: a prompt states no timing.
         part["world"] = [list(score_caption(own[i], captions[i], sr)) for i, _ in world]
@@ -155,58 +155,3 @@ def format_table(ev: GenerationEval, header: str = "") -> str:
     for k, why in sorted(ev.skipped.items()):
         lines.append(f"{k:<16} {'-':>10} {'-':>5}  skipped: {why}")
     return "\n".join(lines)
-
-
-def eval_command(args) -> int:
-    from ualm_jax.distributed import is_main, maybe_initialize
-    from ualm_jax.infer.prompts import read_prompts
-    from ualm_jax.infer.tasks import load
-
-    maybe_initialize()  # a multi-host job: every host generates, each scores its own prompts
-
-    prompts = read_prompts(args.prompts)  # before loading anything: a bad file fails fast
-    clap, fd = make_clap(args.clap), make_fd_embedder(args.fd_model)
-    m = load(args.checkpoint, args.tokenizer, args.codec, overrides=args.overrides)
-    ev = generation_eval(m, prompts, Path(args.prompts).resolve().parent, clap, fd, args.cfg,
-                         args.max_prompts, args.seed, max_new=args.max_new,
-                         max_audio_frames=args.max_audio_frames, batch_size=args.batch_size,
-                         out_dir=args.out, uncond=args.uncond)
-    payload = {"checkpoint": str(args.checkpoint), "prompts_file": str(args.prompts),
-               "prompts": ev.prompts, "cfg_scale": args.cfg, "uncond": args.uncond,
-               "seed": args.seed,
-               "mean_seconds": ev.mean_seconds,
-               "metrics": {k: r.to_dict() for k, r in sorted(ev.results.items())},
-               "skipped": ev.skipped}
-    if not is_main():  # process 0 reports the merged numbers
-        return 0
-    if args.out:
-        (storage.as_path(args.out) / METRICS_FILE).write_text(json.dumps(payload, indent=1) + "\n")
-    if args.json:
-        json.dump(payload, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(ev, f"ualm eval: {ev.prompts} prompts ({args.prompts}), checkpoint "
-                               f"{args.checkpoint}, cfg {args.cfg}, mean {ev.mean_seconds:.2f} s/clip"))
-    return 0
-
-
-def add_eval_parser(sub):
-    """Adds `eval` to an argparse subparsers object; returns its parser."""
-    from ualm_jax.infer.tasks import add_generation_args
-
-    e = sub.add_parser(
-        "eval", help="generate audio for prompts and score it (CLAP, FD, world match)",
-        description="Every metric names the model that produced it. Guidance follows UALM: "
-                    "logits = cfg*cond + (1-cfg)*uncond (--cfg 3.0 = s 2 in the c + s*(c-u) "
-                    "convention; 1 = off).")
-    e.add_argument("--prompts", required=True,
-                   help="JSON lines {prompt, reference?, events?}; references relative to this file")
-    e.add_argument("--clap", help="local transformers CLAP model directory (CLAP score)")
-    e.add_argument("--fd-model", help="FD embedder: a local transformers audio model directory, "
-                                      "or 'mel-stats' (weight-free, smoke tests only)")
-    e.add_argument("--out", help=f"write the generated wavs and {METRICS_FILE} here")
-    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    e.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
-    add_generation_args(e, sampling=False)
-    e.set_defaults(func=eval_command)
-    return e

@@ -4,19 +4,18 @@
   ualm data codec     --manifest M [M ...] --codebooks K --codes C --out DIR   SpectralCodec fit
   ualm data build KIND --manifest M --out DIR ...                      manifest -> records
 
-Hooked into the main CLI by `add_data_parser(subparsers)`; `main(argv)` runs it alone
-(`python -m data_pipelines.cli_data data build ...`). Exit codes: 0 when the command did its
-work (a build with skipped lines included: see the report), 2 for usage errors (missing
-manifest, tokenizer or codec; no text or no readable audio) and for a build that wrote no line
-(its report is still written).
+Exit codes: 0 when the command did its work (a build with skipped lines included: see the
+report), 2 for usage errors (missing manifest, tokenizer or codec; no text or no readable audio)
+and for a build that wrote no line (its report is still written).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
+
+from ualm_jax.cli.args import RawDescriptionHelpFormatter
 
 KINDS = ("captions", "audio-qa", "text-sft", "preference", "reason")
 # What each kind reads (one JSON object per manifest line; audio paths relative to the manifest's
@@ -37,8 +36,77 @@ KIND_HELP = {
 }
 
 
+def add_parser(sub) -> None:
+    data = sub.add_parser("data", help="make a tokenizer and a codec for one's own data; "
+                          "build training records from manifests")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    manifests = ("JSON-lines manifests of any kind (the build's); lines marked validation are "
+                 "left out")
+    t = dsub.add_parser("tokenizer", help="train a byte-level BPE (Qwen2-shaped) on the text of "
+                        "manifests: captions, prompts, message contents, the template's prompts")
+    t.add_argument("--manifest", nargs="+", required=True, help=manifests)
+    t.add_argument("--vocab-size", type=int, required=True,
+                   help="entries wanted (at least 257; fewer when the text allows no more merges)")
+    t.add_argument("--out", required=True, help="folder for tokenizer.json")
+    t.set_defaults(func=run)
+    c = dsub.add_parser("codec", help="fit a SpectralCodec (residual VQ of STFT frames, 50 "
+                        "frames/s) on the audio manifests name (paths relative to each manifest)")
+    c.add_argument("--manifest", nargs="+", required=True, help=manifests)
+    c.add_argument("--codebooks", type=int, required=True,
+                   help="K, residual codebooks (model.num_codebooks)")
+    c.add_argument("--codes", type=int, required=True,
+                   help="C, codes per codebook (model.codebook_size)")
+    c.add_argument("--seed", type=int, default=0, help="k-means seed (same seed, same codec)")
+    c.add_argument("--max-frames", type=int, default=50_000,
+                   help="fit on at most this many STFT frames (a seeded subset; 50 per second)")
+    c.add_argument("--out", required=True, help="folder for the codec (config.json, codebooks.npz)")
+    c.set_defaults(func=run)
+    kinds = "\n".join(f"  {k:<11} {v}" for k, v in KIND_HELP.items())
+    b = dsub.add_parser("build", help="manifest (JSON lines) -> TFDS ArrayRecord/TFRecord records",
+                        formatter_class=RawDescriptionHelpFormatter,
+                        description="Bad lines are skipped and listed in OUT/build_report.json; "
+                                    "OUT/stats.json holds records and tokens per split and task.\n\n"
+                                    f"Kinds (one JSON object per manifest line):\n{kinds}")
+    b.add_argument("kind", choices=KINDS, help="what the manifest holds (see the list above)")
+    b.add_argument("--manifest", required=True, help="JSON lines; audio paths relative to its folder")
+    b.add_argument("--out", required=True, help="output folder (replaced build of the same kind) or a "
+                   "gs:// URL (built locally, then uploaded with the report last)")
+    b.add_argument("--codec", default=None,
+                   help="codec folder (an X-codec: the report names its path; a saved "
+                        "SpectralCodec, e.g. from `ualm data codec`: copied into OUT/codec) or "
+                        "'spectral:DIR'; needed for captions (t2a), preference and reason")
+    b.add_argument("--tokenizer", required=True, help="tokenizer.json (or its folder)")
+    b.add_argument("--n-mels", type=int, default=128, help="log-mel bins of the encoder input")
+    b.add_argument("--format", choices=("array_record", "tfrecord"), default="array_record",
+                   help="array_record for Grain (random access), tfrecord for tf.data / SeqIO")
+    b.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="share held out for the validation split, by a hash of each line's "
+                        "audio paths or content (--split-by); a line's \"split\" wins")
+    b.add_argument("--split-by", choices=("audio", "line"), default=None,
+                   help="audio: a clip held out in one kind is held out in all (default for "
+                        "kinds naming audio); line: the parsed line (default for text-sft)")
+    b.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is skipped")
+    b.add_argument("--max-seconds", type=float, default=600.0, help="longer audio is skipped")
+    b.add_argument("--task", default=None,
+                   help="captions: both | t2a | caption (default both); other kinds: the task "
+                        "name stored in the records")
+    b.add_argument("--max-line-bytes", type=int, default=None,
+                   help="longer manifest lines are skipped (line_too_long; default 16 MiB)")
+    b.add_argument("--max-json-depth", type=int, default=None,
+                   help="more deeply nested lines are skipped (too_deep; default 64)")
+    b.add_argument("--beam", default=None, metavar="FLAGS",
+                   help="run with Apache Beam, e.g. --beam='--runner=DirectRunner' "
+                        "(see data_pipelines/build.py for Dataflow flags)")
+    b.set_defaults(func=run)
+
+
+def run(args) -> int:
+    return {"build": _build, "tokenizer": _tokenizer, "codec": _codec}[args.data_command](args)
+
+
 def _build(args) -> int:
-    from data_pipelines.build import REPORT_FILE, BuildError, build
+    from data_pipelines.build import BuildError, build
+    from data_pipelines.sources import REPORT_FILE
 
     import tensorflow_datasets as tfds
 
@@ -136,81 +204,3 @@ def _codec(args) -> int:
           f"{codec.codebook_size} codes, {codec.frame_rate:g} frames/s; fitted on "
           f"{len(files) - len(unreadable)} audio file(s){left}; build with --codec {args.out})")
     return 0
-
-
-def add_data_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds `data tokenizer | codec | build` to an argparse subparsers object; returns the `data`
-    parser."""
-    data = subparsers.add_parser("data", help="make a tokenizer and a codec for one's own data; "
-                                 "build training records from manifests")
-    sub = data.add_subparsers(dest="data_command", required=True)
-    manifests = ("JSON-lines manifests of any kind (the build's); lines marked validation are "
-                 "left out")
-    t = sub.add_parser("tokenizer", help="train a byte-level BPE (Qwen2-shaped) on the text of "
-                       "manifests: captions, prompts, message contents, the template's prompts")
-    t.add_argument("--manifest", nargs="+", required=True, help=manifests)
-    t.add_argument("--vocab-size", type=int, required=True,
-                   help="entries wanted (at least 257; fewer when the text allows no more merges)")
-    t.add_argument("--out", required=True, help="folder for tokenizer.json")
-    t.set_defaults(func=_tokenizer)
-    c = sub.add_parser("codec", help="fit a SpectralCodec (residual VQ of STFT frames, 50 "
-                       "frames/s) on the audio manifests name (paths relative to each manifest)")
-    c.add_argument("--manifest", nargs="+", required=True, help=manifests)
-    c.add_argument("--codebooks", type=int, required=True,
-                   help="K, residual codebooks (model.num_codebooks)")
-    c.add_argument("--codes", type=int, required=True,
-                   help="C, codes per codebook (model.codebook_size)")
-    c.add_argument("--seed", type=int, default=0, help="k-means seed (same seed, same codec)")
-    c.add_argument("--max-frames", type=int, default=50_000,
-                   help="fit on at most this many STFT frames (a seeded subset; 50 per second)")
-    c.add_argument("--out", required=True, help="folder for the codec (config.json, codebooks.npz)")
-    c.set_defaults(func=_codec)
-    kinds = "\n".join(f"  {k:<11} {v}" for k, v in KIND_HELP.items())
-    b = sub.add_parser("build", help="manifest (JSON lines) -> TFDS ArrayRecord/TFRecord records",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Bad lines are skipped and listed in OUT/build_report.json; "
-                                   "OUT/stats.json holds records and tokens per split and task.\n\n"
-                                   f"Kinds (one JSON object per manifest line):\n{kinds}")
-    b.add_argument("kind", choices=KINDS, help="what the manifest holds (see the list above)")
-    b.add_argument("--manifest", required=True, help="JSON lines; audio paths relative to its folder")
-    b.add_argument("--out", required=True, help="output folder (replaced build of the same kind) or a "
-                   "gs:// URL (built locally, then uploaded with the report last)")
-    b.add_argument("--codec", default=None,
-                   help="codec folder (an X-codec: the report names its path; a saved "
-                        "SpectralCodec, e.g. from `ualm data codec`: copied into OUT/codec) or "
-                        "'spectral:DIR'; needed for captions (t2a), preference and reason")
-    b.add_argument("--tokenizer", required=True, help="tokenizer.json (or its folder)")
-    b.add_argument("--n-mels", type=int, default=128, help="log-mel bins of the encoder input")
-    b.add_argument("--format", choices=("array_record", "tfrecord"), default="array_record",
-                   help="array_record for Grain (random access), tfrecord for tf.data / SeqIO")
-    b.add_argument("--eval-fraction", type=float, default=0.0,
-                   help="share held out for the validation split, by a hash of each line's "
-                        "audio paths or content (--split-by); a line's \"split\" wins")
-    b.add_argument("--split-by", choices=("audio", "line"), default=None,
-                   help="audio: a clip held out in one kind is held out in all (default for "
-                        "kinds naming audio); line: the parsed line (default for text-sft)")
-    b.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is skipped")
-    b.add_argument("--max-seconds", type=float, default=600.0, help="longer audio is skipped")
-    b.add_argument("--task", default=None,
-                   help="captions: both | t2a | caption (default both); other kinds: the task "
-                        "name stored in the records")
-    b.add_argument("--max-line-bytes", type=int, default=None,
-                   help="longer manifest lines are skipped (line_too_long; default 16 MiB)")
-    b.add_argument("--max-json-depth", type=int, default=None,
-                   help="more deeply nested lines are skipped (too_deep; default 64)")
-    b.add_argument("--beam", default=None, metavar="FLAGS",
-                   help="run with Apache Beam, e.g. --beam='--runner=DirectRunner' "
-                        "(see data_pipelines/build.py for Dataflow flags)")
-    b.set_defaults(func=_build)
-    return data
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ualm")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

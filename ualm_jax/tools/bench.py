@@ -7,6 +7,7 @@ import time
 import jax
 import numpy as np
 
+from data_pipelines.synthetic import TASKS, stream_for_model
 from ualm_jax.config import Config, ConfigError, load_config
 from ualm_jax.format.batch import batch_spec, check_batch
 from ualm_jax.model.flops import FORMULA, audio_windows, batch_step_flops
@@ -16,7 +17,6 @@ from ualm_jax.train import freeze
 from ualm_jax.train.mfu import mfu, peak_flops_per_device
 from ualm_jax.train.setup import setup_training
 from ualm_jax.train.state import create_state
-from ualm_jax.train.synthetic import TASKS, stream_for_model
 
 
 def bench_config(model: str, mesh: str | None, text_only: bool = False, overrides=()) -> Config:

@@ -5,7 +5,7 @@ known parameters, their captions and question-answer pairs, and text-only reason
     build("captions", paths["captions"], "out/caps", codec=..., tokenizer=...)
 
 Vocabulary (small and acoustically distinct, so a tiny model learns it in a few hundred steps and
-data_pipelines/demo_world/analyser.py recovers it from a waveform, also after a SpectralCodec round trip):
+data_pipelines/demo/analyser.py recovers it from a waveform, also after a SpectralCodec round trip):
   tone    a sine; pitch low | mid | high (300 / 600 / 1200 Hz); 0.2-0.5 s
   noise   a white-noise burst; 0.2-0.4 s
   chirp   an exponential sweep between ~400 and ~1600 Hz; direction up | down; 0.3-0.5 s

@@ -1,4 +1,4 @@
-"""The demo's task metrics on the procedural world's validation split (data_pipelines/demo_world/world.py),
+"""The demo's task metrics on the procedural world's validation split (data_pipelines/demo/world.py),
 scored with the world's own analyser, so no downloaded model is needed.
 
     results = evaluate_world(load("runs/demo"), "runs/demo/data/world", "runs/demo/world_eval")
@@ -48,7 +48,7 @@ def _validation(world: dict, max_items: int) -> tuple:
 
 
 def _score_captions(clips, out) -> dict:
-    from data_pipelines.demo_world.analyser import caption_match, parse_caption
+    from data_pipelines.demo.analyser import caption_match, parse_caption
 
     exact = [parse_caption(g) == parse_caption(c["caption"]) for g, c in zip(out, clips)]
     score = [float(caption_match(c["events"], g)) for g, c in zip(out, clips)]
@@ -86,7 +86,7 @@ def _text_tasks(m, world_dir, clips, qa, problems, gen_cfg) -> dict:
 def _t2a(m, clips, out_dir, scale, frames, gen_cfg) -> dict:
     import soundfile as sf
 
-    from data_pipelines.demo_world.analyser import score_caption
+    from data_pipelines.demo.analyser import score_caption
     from ualm_jax.infer.tasks import text_to_audio
 
     folder = os.path.join(out_dir, f"t2a_cfg{scale:g}")
@@ -127,7 +127,7 @@ def evaluate_world(m, world_dir: str, out_dir: str, max_items: int = 32,
     -> {"caption": {n, exact, score, examples}, "audio_qa": {n, exact, examples}, "text": {...},
         "t2a": [{cfg_scale, n, match, judge, dir, samples}],
         "samples": [(title, wav path)]: each clip at every scale, clip by clip}"""
-    from data_pipelines.demo_world.world import load_world
+    from data_pipelines.demo.world import load_world
     from ualm_jax.config import ConfigError
     from ualm_jax.infer.decode import GenerationConfig
 

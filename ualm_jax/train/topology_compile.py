@@ -1,20 +1,11 @@
-"""`ualm bench compile`: compiles the real train step ahead of time for a TPU topology (or N local
-CPU devices) without running it, and reports per-chip memory from the compiled executable.
+"""The train step compiled ahead of time for a topology's devices without running it: TPU
+slices through libtpu's compile-only client (no TPU needed), or N host CPU devices, and per-chip
+memory from the compiled executable. `ualm train --dry-run --topology` and `ualm bench compile`
+(ualm_jax/tools/bench_compile.py) both compile through here.
 
-TPU topologies need `libtpu` (the version `jax[tpu]` pins; see requirements-tpu.txt) but no TPU:
-libtpu's compile-only client builds the topology's devices from its name, the state and batch are
-`ShapeDtypeStruct`s sharded over a mesh of those devices, and XLA:TPU compiles the step. Nothing
-is allocated: the 7B step for v5p-128 compiles in ~5 min on 2 CPU cores.
-
-What is compiled: `--config FILE` plus KEY=VALUE overrides resolved exactly as `ualm train`
-resolves them (`ualm train --config FILE --dry-run --topology T` runs the same compile), or
-without a config a model preset. The flags --batch/--seq/--microbatches/--mesh stand for
-train.batch_size/seq_len/microbatches and mesh.ici.* and win over both. Progress lines go to
-stderr (a large compile takes minutes); the JSON record names the config, the model's dimensions
-and parameter count.
-
-Topologies: Cloud TPU names (`v5p-128`, `v4-32`: TensorCores; `v5e-8`, `v6e-16`: chips), an explicit
-chip grid (`v5p:4x4x4`, `v5e:2x4`), or `cpu:N` (N host CPU devices, for tests; `fits` is None).
+The state and batch are `ShapeDtypeStruct`s sharded over a mesh of the topology's devices and
+XLA compiles `ualm train`'s step (train/setup.py); nothing is allocated, so the 7B step for
+v5p-128 compiles in ~5 min on 2 CPU cores. Progress lines go to stderr.
 """
 from __future__ import annotations
 
@@ -28,8 +19,8 @@ from dataclasses import dataclass
 import jax
 
 from ualm_jax.config import ConfigError
-from ualm_jax.topology import GiB, Topology, parse_topology  # noqa: F401 - re-exported
 from ualm_jax.model.flops import step_flops
+from ualm_jax.topology import GiB, Topology, parse_topology
 from ualm_jax.train import freeze
 
 LIBTPU_PIN = "libtpu==0.0.42.*"  # what jax[tpu]==0.10.2 requires
@@ -138,56 +129,6 @@ class CompilePlan:
     overrides: tuple = ()
 
 
-def _flag_overrides(seq, microbatches, mesh, text_only) -> list[str]:
-    """The bench flags as the dotted overrides they stand for (applied after the user's own)."""
-    from ualm_jax.sharding import parse_mesh_arg
-
-    over = []
-    if seq is not None:
-        over.append(f"train.seq_len={seq}")
-    if microbatches is not None:
-        over.append(f"train.microbatches={microbatches}")
-    if mesh:
-        sizes = parse_mesh_arg(mesh)
-        over += [f"mesh.ici.{a}={getattr(sizes, a)}" for a in ("data", "fsdp", "tensor")]
-    if text_only:
-        over += ["model.num_codebooks=0", "model.audio_encoder.enabled=false"]
-    return over
-
-
-def _given(overrides, key: str) -> str | None:
-    """The last value `overrides` give `key`, else None."""
-    values = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == key]
-    return values[-1].strip() if values else None
-
-
-def plan_compile(topology: str, config: str | None = None, model: str | None = None,
-                 overrides=(), batch: int | None = None, seq: int | None = None,
-                 mesh: str | None = None, microbatches: int | None = None,
-                 text_only: bool = False) -> CompilePlan:
-    """`ualm bench compile`'s config: `config` + overrides resolved as `ualm train` resolves them
-    (load_config), or without a config the `model` preset (default tiny) at seq 4096 with one
-    sequence per data x fsdp shard. The flags win over both: --seq, --microbatches, --mesh and
-    --batch set train.seq_len, train.microbatches, mesh.ici.* and train.batch_size."""
-    from ualm_jax.config import load_config
-
-    if config and model:
-        raise ConfigError(f"--model {model} and --config {config}: the config names its model; "
-                          f"to change it add the override model.preset={model}")
-    topo = parse_topology(topology)
-    flags = _flag_overrides(seq, microbatches, mesh, text_only)
-    base = [] if config else [f"model.preset={model or 'tiny'}", "train.seq_len=4096",
-                              "train.microbatches=1"]
-    if batch is not None:
-        flags.append(f"train.batch_size={batch}")
-    auto_batch = not config and batch is None and _given(overrides, "train.batch_size") is None
-    if auto_batch:  # a placeholder that passes validation until the mesh sets it
-        mb = microbatches or _given(overrides, "train.microbatches") or 1
-        base.append(f"train.batch_size={mb}")
-    cfg = load_config(config, base + list(overrides) + flags)
-    return plan_for(cfg, topo, config, overrides, auto_batch)
-
-
 def plan_for(cfg, topology: Topology | str, config: str | None = None, overrides=(),
              auto_batch: bool = False) -> CompilePlan:
     """The plan for an already resolved config (`ualm train --dry-run --topology`); auto_batch:
@@ -213,7 +154,7 @@ def plan_for(cfg, topology: Topology | str, config: str | None = None, overrides
                        tuple(overrides))
 
 
-def _say(line: str) -> None:
+def print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -233,7 +174,7 @@ def model_dims(m) -> dict:
                               if enc.enabled else None)}
 
 
-def _summary(r: dict) -> list[str]:
+def summary_lines(r: dict) -> list[str]:
     d, p = r["model_dims"], r["parameters"]
     enc = d["audio_encoder"]
     src = f"config {r['config']}" if r["config"] else f"preset {r['model']}"
@@ -251,7 +192,7 @@ def _summary(r: dict) -> list[str]:
             f"{r['device_kind']}, mesh {mesh}"]
 
 
-def compile_plan(plan: CompilePlan, progress=_say) -> dict:
+def compile_plan(plan: CompilePlan, progress=print_progress) -> dict:
     """Lowers and compiles `ualm train`'s step (train/setup.py: same freeze masks, task ids and
     batch contract) for the plan's devices on abstract inputs; JSON-able report. progress (None:
     silent) gets a line before the compile, which can take minutes, and one after."""
@@ -281,7 +222,7 @@ def compile_plan(plan: CompilePlan, progress=_say) -> dict:
         "stage": t.stage, "encoder_frozen": cfg.model.audio_encoder.frozen,
         **_model_flops(cfg, setup),
     }
-    for line in _summary(rec):
+    for line in summary_lines(rec):
         say(line)
     say(f"compiling the train step for {topo.name} ... (minutes for billions of parameters)")
     lowered = setup.step_fn.lower(setup.abstract_state, setup.batch_spec)
@@ -331,86 +272,3 @@ def _model_flops(cfg, setup) -> dict:
                        freeze.adapter_trained(setup.trainable))
     return {"model_flops_per_step": flops["total"], "model_flops_by_part": flops,
             "model_flops_note": "one segment per row, every clip slot holding audio (upper bound)"}
-
-
-def bench_compile(model: str | None = None, topology: str = "v5p-128", batch: int | None = None,
-                  seq: int | None = None, mesh: str | None = None,
-                  microbatches: int | None = None, overrides=(), text_only: bool = False,
-                  config: str | None = None, progress=_say) -> dict:
-    """`ualm bench compile`: plan_compile's config compiled for `topology` (compile_plan)."""
-    return compile_plan(plan_compile(topology, config, model, overrides, batch, seq, mesh,
-                                     microbatches, text_only), progress)
-
-
-def dry_run(cfg, topology: str | None = None, config: str | None = None, overrides=(),
-            progress=_say) -> dict:
-    """`ualm train --dry-run`. With a topology: the resolved config's step compiled for it, the
-    same compile as `ualm bench compile --config` (no data read; it may live on the slice's
-    hosts). Without: the run's setup (train/setup.py) on this machine's devices, its first batch
-    read and checked against the batch contract, the train step compiled ahead of time on
-    abstract inputs; per-device memory and the step's model FLOPs. Writes nothing."""
-    warnings = [w for w in [freeze.random_frozen_encoder(cfg)] if w]
-    if topology:
-        return {**compile_plan(plan_for(cfg, topology, config, overrides), progress),
-                "warnings": warnings}
-    from ualm_jax.format.batch import check_batch, host_batch_spec
-    from ualm_jax.model.flops import batch_step_flops
-    from ualm_jax.train import data as data_lib
-    from ualm_jax.train.setup import setup_training
-
-    say = progress or (lambda line: None)
-    t0 = time.perf_counter()
-    names = data_lib.task_names(cfg)
-    setup = setup_training(cfg, names)
-    it = data_lib.make_train_iterator(cfg)
-    local = data_lib.process_rows(next(it), it.per_host)
-    check_batch(local, host_batch_spec(cfg, jax.process_count()), f"{type(it).__name__} batch")
-    say(f"compiling the train step for {jax.device_count()} x {jax.devices()[0].device_kind} ...")
-    t1 = time.perf_counter()
-    compiled = setup.step_fn.lower(setup.abstract_state, setup.batch_spec).compile()
-    compile_s = time.perf_counter() - t1
-    say(f"compiled in {compile_s:.1f} s")
-    mem = memory_report(compiled)
-    flops = batch_step_flops(cfg.model, local, freeze.adapter_trained(setup.trainable))
-    return {"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-            "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
-            "tasks": list(names), "source": cfg.data.source,
-            "batch_spec": {k: list(v.shape) for k, v in setup.batch_spec.items()},
-            "per_device_bytes": mem, "per_device_gib": round(mem["total"] / GiB, 3),
-            "state_gib": round(sum(x.size * x.dtype.itemsize
-                                   for x in jax.tree.leaves(setup.abstract_state)) / GiB, 3),
-            "model_flops_first_batch": flops["total"] * jax.process_count(),
-            "setup_s": round(t1 - t0, 2), "compile_s": round(compile_s, 2),
-            "warnings": warnings if data_lib.reads_encoder_audio(cfg) else []}
-
-
-def format_dry_run(r: dict) -> str:
-    warnings = [f"warning: {w}" for w in r.get("warnings", [])]
-    if r.get("bench") == "compile":
-        return "\n".join([_format_topology_dry_run(r), *warnings])
-    spec = ", ".join(f"{k} {v}" for k, v in r["batch_spec"].items())
-    m = r["per_device_bytes"]
-    return "\n".join([
-        f"dry run: nothing written. {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
-        f"data: {r['source']} ({', '.join(r['tasks']) or 'no task ids'}); first batch matches "
-        f"the batch contract: {spec}",
-        f"train state {r['state_gib']} GiB in all; per device at peak {r['per_device_gib']} GiB "
-        f"(arguments {m['argument'] / GiB:.3f}, temporaries {m['temp'] / GiB:.3f} GiB)",
-        f"model FLOPs of the first batch's step: {r['model_flops_first_batch']:.3e}; "
-        f"compiled in {r['compile_s']} s (set-up {r['setup_s']} s)", *warnings])
-
-
-def _format_topology_dry_run(r: dict) -> str:
-    m = r["per_chip_bytes"]
-    if m is None:  # XLA:TPU refused: out of HBM
-        return "\n".join([
-            f"dry run for {r['topology']}: nothing written, no data read (compile only)",
-            *_summary(r), f"does NOT fit per chip: {r['compile_error']}"])
-    hbm = ("" if r["hbm_bytes"] is None else
-           f" of {r['hbm_gib']:g} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
-    return "\n".join([
-        f"dry run for {r['topology']}: nothing written, no data read (compile only)", *_summary(r),
-        f"per chip at peak {r['per_chip_gib']} GiB{hbm} (arguments {m['argument'] / GiB:.3f}, "
-        f"temporaries {m['temp'] / GiB:.3f} GiB)",
-        f"model FLOPs per step (upper bound) {r['model_flops_per_step']:.3e}; compiled in "
-        f"{r['compile_s']} s"])
