@@ -23,8 +23,8 @@ def dry_run(cfg, topology: str | None = None, config: str | None = None, overrid
     abstract inputs; per-device memory and the step's model FLOPs. Writes nothing."""
     warnings = [w for w in [freeze.random_frozen_encoder(cfg)] if w]
     if topology:
-        return {**compile_plan(plan_for(cfg, topology, config, overrides), progress),
-                "warnings": warnings}
+        return {**compile_plan(plan_for(cfg, topology, config, overrides), progress,
+                               summary=False), "warnings": warnings}
     from ualm_jax.format.batch import check_batch, host_batch_spec
     from ualm_jax.model.flops import batch_step_flops
     from ualm_jax.train import data as data_lib

@@ -192,10 +192,11 @@ def summary_lines(r: dict) -> list[str]:
             f"{r['device_kind']}, mesh {mesh}"]
 
 
-def compile_plan(plan: CompilePlan, progress=print_progress) -> dict:
+def compile_plan(plan: CompilePlan, progress=print_progress, summary: bool = True) -> dict:
     """Lowers and compiles `ualm train`'s step (train/setup.py: same freeze masks, task ids and
     batch contract) for the plan's devices on abstract inputs; JSON-able report. progress (None:
-    silent) gets a line before the compile, which can take minutes, and one after."""
+    silent) gets a line before the compile, which can take minutes, and one after; with
+    `summary`, first the lines saying what is compiled (the dry run's report says them itself)."""
     from ualm_jax.train import data as data_lib
     from ualm_jax.train.setup import setup_training
 
@@ -222,7 +223,7 @@ def compile_plan(plan: CompilePlan, progress=print_progress) -> dict:
         "stage": t.stage, "encoder_frozen": cfg.model.audio_encoder.frozen,
         **_model_flops(cfg, setup),
     }
-    for line in summary_lines(rec):
+    for line in summary_lines(rec) if summary else ():
         say(line)
     say(f"compiling the train step for {topo.name} ... (minutes for billions of parameters)")
     lowered = setup.step_fn.lower(setup.abstract_state, setup.batch_spec)
