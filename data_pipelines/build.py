@@ -326,10 +326,7 @@ def _save_codec_copy(codec, out_dir: str) -> str:
         return CODEC_DIR
     with tempfile.TemporaryDirectory() as local:
         codec.save(local)
-        for name in sorted(os.listdir(local)):
-            with open(os.path.join(local, name), "rb") as f, \
-                    storage.open_file(storage.join(out_dir, CODEC_DIR, name), "wb") as g:
-                g.write(f.read())
+        storage.upload_tree(local, storage.join(out_dir, CODEC_DIR))
     return CODEC_DIR
 
 
@@ -369,8 +366,7 @@ def _write_build(kind: str, cls, converter, manifest: str, scan, out_dir: str, *
     # no --tokenizer / --codec, and a moved build still finds both.
     tokenizer_copy = None
     if origin["tokenizer"] and not storage.is_url(origin["tokenizer"]):
-        with open(origin["tokenizer"], "rb") as f, storage.open_file(storage.join(out_dir, TOKENIZER_FILE), "wb") as g:
-            g.write(f.read())
+        storage.copy_file(origin["tokenizer"], storage.join(out_dir, TOKENIZER_FILE))
         tokenizer_copy = TOKENIZER_FILE
     how, what = origin.get("codec_plan") or ("none", None)
     codec_record = _save_codec_copy(what, out_dir) if how == "copy" else what

@@ -68,6 +68,13 @@ def build_settings(out_dir: str) -> dict:
     return (read_report(out_dir) or {}).get("settings") or {}
 
 
+def holds_encoder_audio(settings: dict) -> bool:
+    """Whether a build's records carry clips for the audio encoder (captioning, audio QA and
+    reasoning records; not text-to-audio or text), from its `build_settings`."""
+    return settings.get("kind") in ("audio-qa", "reason") or (
+        settings.get("kind") == "captions" and settings.get("task") != "t2a")
+
+
 def check_build_matches_model(out_dir: str, model_cfg, where: str) -> None:
     """Refuses (naming both values) a build whose features the model cannot read: mel bins of
     encoder-input audio, codec K / C of audio codes, a tokenizer larger than the text vocab."""
@@ -75,8 +82,7 @@ def check_build_matches_model(out_dir: str, model_cfg, where: str) -> None:
     if not s:
         return
     enc = model_cfg.audio_encoder
-    has_mel = s.get("kind") in ("audio-qa", "reason") or (
-        s.get("kind") == "captions" and s.get("task") != "t2a")
+    has_mel = holds_encoder_audio(s)
     if has_mel and enc.enabled and s.get("n_mels") not in (None, enc.n_mels):
         raise ValueError(f"{where} ({out_dir}) was built with --n-mels {s['n_mels']} but "
                          f"model.audio_encoder.n_mels={enc.n_mels}: rebuild it with "

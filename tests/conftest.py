@@ -108,3 +108,27 @@ def tiny_xcodec_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("xcodec")
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    """Imports launch/NAME.py as a module, leaving sys.path and sys.modules as they were."""
+    import importlib.util
+    import sys
+
+    from paths import REPO
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"_launch_{name}",
+                                                      REPO / "launch" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    yield load
+    for k in set(sys.modules) - before:  # the launchers' own modules only
+        if k.startswith("_launch_") or k in ("shellsafe", "templating", "preflight"):
+            del sys.modules[k]

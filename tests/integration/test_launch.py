@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from paths import REPO  # noqa: E402
+from paths import REPO, fake_subprocess  # noqa: E402
 
 
 LAUNCH = REPO / "launch"
@@ -249,26 +249,6 @@ def refused(script: str, *args: str) -> str:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     return lines[0]
-
-
-@pytest.fixture
-def launcher(monkeypatch):
-    """Imports launch/NAME.py as a module, leaving sys.path and sys.modules as they were."""
-    import importlib.util
-
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"_launch_{name}", LAUNCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    yield load
-    for k in set(sys.modules) - before:  # the launchers' own modules only
-        if k.startswith("_launch_") or k in ("shellsafe", "templating"):
-            del sys.modules[k]
 
 
 def manifest_pod(text: str) -> dict:
@@ -574,7 +554,6 @@ def test_tpu_vm_tarball_is_staged_privately(tmp_path, launcher, monkeypatch):
     not; a symlink planted at the old predictable /tmp name is never followed."""
     import stat
     import tempfile
-    import types
     import uuid
 
     tpu_vm = launcher("tpu_vm")
@@ -606,15 +585,7 @@ def test_tpu_vm_tarball_is_staged_privately(tmp_path, launcher, monkeypatch):
                     raise subprocess.CalledProcessError(1, cmd)
             return subprocess.CompletedProcess(cmd, 0)
 
-        class FakePopen:
-            def __init__(self, cmd):
-                seen.append(cmd)
-
-            def wait(self):
-                return 0
-
-        monkeypatch.setattr(tpu_vm, "subprocess", types.SimpleNamespace(
-            run=fake_run, Popen=FakePopen, CalledProcessError=subprocess.CalledProcessError))
+        monkeypatch.setattr(tpu_vm, "subprocess", fake_subprocess(fake_run, seen))
         argv = ["--name", name, "--zone", "z", "--reuse", "--num-slices", "2",
                 "--config", "configs/demo.yaml", "--run-dir", "gs://b/r", *FIT]
         for fail in (False, True):

@@ -10,13 +10,12 @@ import shlex
 import subprocess
 import sys
 import tarfile
-import types
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from paths import REPO
+from paths import REPO, fake_subprocess
 
 LAUNCH = REPO / "launch"
 CONFIG = "configs/demo.yaml"  # in the repo, tracked; the overrides below make it fit the slices
@@ -352,26 +351,6 @@ def git_repo(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def launcher(monkeypatch):
-    """Imports launch/NAME.py as a module, leaving sys.path and sys.modules as they were."""
-    import importlib.util
-
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"_launch_{name}", LAUNCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    yield load
-    for k in set(sys.modules) - before:  # the launchers' own modules only
-        if k.startswith("_launch_") or k in ("shellsafe", "templating", "preflight"):
-            del sys.modules[k]
-
-
 def test_only_tracked_files_and_the_config_are_shipped(tmp_path, launcher, monkeypatch):
     repo = git_repo(tmp_path / "repo")
     tpu_vm = launcher("tpu_vm")
@@ -394,15 +373,7 @@ def test_only_tracked_files_and_the_config_are_shipped(tmp_path, launcher, monke
                 held["names"] = sorted(os.path.normpath(n) for n in t.getnames())
         return subprocess.CompletedProcess(cmd, 0)
 
-    class FakePopen:
-        def __init__(self, cmd):
-            seen.append(cmd)
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(tpu_vm, "subprocess", types.SimpleNamespace(
-        run=fake_run, Popen=FakePopen, CalledProcessError=subprocess.CalledProcessError))
+    monkeypatch.setattr(tpu_vm, "subprocess", fake_subprocess(fake_run, seen))
     argv = [*TPU, "--reuse", "--config", "configs/mine.yaml", "--run-dir", "gs://b/r"]
     assert tpu_vm.main(argv) == 0
     assert held["names"] == files

@@ -114,8 +114,8 @@ def adopt_build_artefacts(cfg) -> list[str]:
 def reads_encoder_audio(cfg) -> bool:
     """Whether the run's data feeds clips to the audio encoder (a build of captioning, audio QA
     or reasoning records; the synthetic stream's captioning task). Remote builds count as yes."""
-    from data_pipelines.sources import build_settings
     from data_pipelines.mixture import parse_mixture
+    from data_pipelines.sources import build_settings, holds_encoder_audio
 
     d = cfg.data
     if d.source == "synthetic":
@@ -128,8 +128,7 @@ def reads_encoder_audio(cfg) -> bool:
         if storage.is_url(e.path):
             return True
         s = build_settings(e.path)
-        if not s or s.get("kind") in ("audio-qa", "reason") or (
-                s.get("kind") == "captions" and s.get("task") != "t2a"):
+        if not s or holds_encoder_audio(s):
             return True
     return False
 
